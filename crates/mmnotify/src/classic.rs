@@ -1,0 +1,395 @@
+//! Classic subscribers: the `mmu_notifier_ops` of Linux, as a trait with its contract written
+//! next to each method, plus the bookkeeping the engine keeps for each registration.
+//!
+//! A classic subscriber mirrors some of an address space and must drop its copy of a range
+//! between [`Subscriber::invalidate_range_start`] and [`Subscriber::invalidate_range_end`]. It
+//! *declares* what it implements ([`Capabilities`]): Rust cannot tell whether a default method
+//! was overridden, and the engine needs to know who expects an end, who may refuse, and who
+//! uses the secondary-TLB callback instead of start/end.
+//!
+//! # Lifecycle of a registration
+//!
+//! ```text
+//!  register / get_or_register          unregister / put-to-zero / Mm::release
+//!  ─────────────► Linked ─── release once ──► Released ── unlink ──► Unlinked ── last ref ──► freed
+//!                   │ receives starts,            no new starts;          no callback can     `free` runs
+//!                   │ ends, young, tlb            owed ends still come    start any more      exactly once
+//! ```
+//!
+//! `put` to zero skips the release step (as in Linux: the user drops its mirror itself before
+//! putting). `free` runs when the engine drops its last reference to the registration, which
+//! is after every callback that was running has returned.
+
+use std::any::TypeId;
+use std::fmt;
+use std::sync::Arc;
+
+use crate::range::{Invalidation, Range};
+use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use crate::sync::Mutex;
+
+/// The identity of one registration of a classic subscriber; unique across all address spaces
+/// of the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SubscriberId(pub(crate) u64);
+
+impl SubscriberId {
+    /// The raw number, for logs and traces.
+    pub const fn as_u64(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for SubscriberId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "subscriber #{}", self.0)
+    }
+}
+
+/// A classic subscriber refused a non-blocking start because it would have had to sleep.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Refused;
+
+/// What a classic subscriber implements. Built with `const` methods:
+///
+/// ```
+/// use mmnotify::Capabilities;
+/// // A KVM-like subscriber: start and end, never refuses.
+/// const KVM: Capabilities = Capabilities::new().with_start().with_end();
+/// assert!(KVM.has_end() && !KVM.can_refuse());
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Capabilities {
+    start: bool,
+    end: bool,
+    refuse: bool,
+    secondary_tlb: bool,
+}
+
+impl Capabilities {
+    /// Nothing but `release` and the young callbacks.
+    pub const fn new() -> Self {
+        Capabilities {
+            start: false,
+            end: false,
+            refuse: false,
+            secondary_tlb: false,
+        }
+    }
+
+    /// Implements [`Subscriber::invalidate_range_start`].
+    pub const fn with_start(mut self) -> Self {
+        self.start = true;
+        self
+    }
+
+    /// Implements [`Subscriber::invalidate_range_end`].
+    pub const fn with_end(mut self) -> Self {
+        self.end = true;
+        self
+    }
+
+    /// May refuse a non-blocking start. Under [`Policy::Exact`](crate::Policy::Exact) such a
+    /// subscriber may also have an end (it will never get one for a refused start); under
+    /// Linux's convention it may not, and `Kernel` reports the combination when it refuses.
+    pub const fn may_refuse(mut self) -> Self {
+        self.refuse = true;
+        self
+    }
+
+    /// Implements [`Subscriber::arch_invalidate_secondary_tlbs`]; excludes start and end.
+    pub const fn with_secondary_tlb(mut self) -> Self {
+        self.secondary_tlb = true;
+        self
+    }
+
+    /// Whether start is declared.
+    pub const fn has_start(&self) -> bool {
+        self.start
+    }
+
+    /// Whether end is declared.
+    pub const fn has_end(&self) -> bool {
+        self.end
+    }
+
+    /// Whether refusing a non-blocking start is declared.
+    pub const fn can_refuse(&self) -> bool {
+        self.refuse
+    }
+
+    /// Whether the secondary-TLB callback is declared.
+    pub const fn has_secondary_tlb(&self) -> bool {
+        self.secondary_tlb
+    }
+
+    /// Whether the declaration contradicts itself (secondary-TLB together with start or end).
+    pub(crate) const fn is_contradictory(&self) -> bool {
+        self.secondary_tlb && (self.start || self.end)
+    }
+}
+
+/// A classic subscriber (Linux's `struct mmu_notifier_ops`).
+///
+/// Every method has a default that does nothing, so a subscriber implements only what it
+/// declares in [`Subscriber::capabilities`]. Callbacks run on the thread that caused them, may
+/// run concurrently with each other (for different ranges, on different threads), and must not
+/// call the blocking methods of the same [`Mm`](crate::Mm) (they get
+/// [`Error::WouldDeadlock`](crate::Error::WouldDeadlock) if they do).
+pub trait Subscriber: Send + Sync + 'static {
+    /// What this subscriber implements. Called once, at registration.
+    fn capabilities(&self) -> Capabilities;
+
+    /// The address space is going away, or this subscriber is being unregistered.
+    ///
+    /// # When
+    /// Exactly once per registration, from [`Mm::release`](crate::Mm::release) (process exit)
+    /// or [`Mm::unregister`], whichever comes first; never after `put` to zero. No start is
+    /// delivered after it; ends owed for starts it already accepted still are.
+    ///
+    /// # Context
+    /// May sleep. May run concurrently with other callbacks of this subscriber.
+    ///
+    /// # Must
+    /// Drop every secondary mapping and create no new one.
+    ///
+    /// [`Mm::unregister`]: crate::Mm::unregister
+    fn release(&self) {}
+
+    /// The primary entries of `inv.range()` are about to change; the pages are still mapped.
+    ///
+    /// # When
+    /// Before every change to the range, if [`Capabilities::has_start`]. All interval
+    /// callbacks for the same range have already run.
+    ///
+    /// # Context
+    /// May sleep only if `inv.is_blockable()`.
+    ///
+    /// # Must
+    /// Until the matching [`invalidate_range_end`](Self::invalidate_range_end): use no
+    /// secondary mapping of the range and create none. Starts nest and overlap, so count them.
+    ///
+    /// # May
+    /// Return [`Refused`] only when the range is not blockable and handling it would need to
+    /// sleep, and only if [`Capabilities::can_refuse`] is declared. Under
+    /// [`Policy::Exact`](crate::Policy::Exact) a refuser never gets an end for this start. A
+    /// refusal of a blockable range is a contract violation: it is counted
+    /// ([`SubscriberStats::violations`]) and logged.
+    fn invalidate_range_start(&self, inv: &Invalidation) -> Result<(), Refused> {
+        let _ = inv;
+        Ok(())
+    }
+
+    /// The primary entries of `inv.range()` have changed (the old pages may already be freed).
+    ///
+    /// # When
+    /// Under [`Policy::Exact`](crate::Policy::Exact): exactly once for every start of this
+    /// subscriber that succeeded, never for one it refused, never for a range that started
+    /// before it was registered. Subscribers that declare an end but no start get one end per
+    /// invalidation.
+    ///
+    /// # Context
+    /// The blockability of the start. The interval epoch of the range is already closed.
+    fn invalidate_range_end(&self, inv: &Invalidation) {
+        let _ = inv;
+    }
+
+    /// Test and clear the accessed bit of the secondary mapping of `range`, flushing the
+    /// secondary TLB. Results of all subscribers are OR-ed; every subscriber is called.
+    ///
+    /// # Context
+    /// Must not sleep.
+    fn clear_flush_young(&self, range: Range) -> bool {
+        let _ = range;
+        false
+    }
+
+    /// Like [`clear_flush_young`](Self::clear_flush_young), but the flush may be skipped.
+    fn clear_young(&self, range: Range) -> bool {
+        let _ = range;
+        false
+    }
+
+    /// Whether the secondary mapping of `addr` was accessed, without clearing anything. The
+    /// walk stops at the first subscriber that answers yes.
+    fn test_young(&self, addr: u64) -> bool {
+        let _ = addr;
+        false
+    }
+
+    /// The primary TLB entries of `range` are being flushed; flush the secondary TLB in step.
+    /// For devices that walk the primary page tables themselves (IOMMU SVA).
+    ///
+    /// # When
+    /// Only if [`Capabilities::has_secondary_tlb`], which excludes start and end.
+    ///
+    /// # Context
+    /// Must not sleep.
+    fn arch_invalidate_secondary_tlbs(&self, range: Range) {
+        let _ = range;
+    }
+
+    /// The engine dropped its last reference to this registration.
+    ///
+    /// # When
+    /// Exactly once, after the registration was unlinked and every callback of it that was
+    /// running has returned.
+    ///
+    /// # Context
+    /// Must not sleep: it runs on whichever thread dropped the last reference, possibly at the
+    /// end of somebody else's invalidation.
+    fn free(&self) {}
+}
+
+/// Counters of what one registration received, readable at any time through
+/// [`Mm::subscriber_stats`](crate::Mm::subscriber_stats).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct SubscriberStats {
+    /// Successful `invalidate_range_start` calls.
+    pub starts: u64,
+    /// Refused `invalidate_range_start` calls.
+    pub refusals: u64,
+    /// `invalidate_range_end` calls.
+    pub ends: u64,
+    /// `release` calls (0 or 1).
+    pub releases: u64,
+    /// Contract violations: refusing a blockable start, or refusing without declaring
+    /// [`Capabilities::may_refuse`].
+    pub violations: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct StatCounters {
+    starts: AtomicU64,
+    refusals: AtomicU64,
+    ends: AtomicU64,
+    releases: AtomicU64,
+    violations: AtomicU64,
+}
+
+impl StatCounters {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> SubscriberStats {
+        SubscriberStats {
+            starts: self.starts.load(Ordering::Relaxed),
+            refusals: self.refusals.load(Ordering::Relaxed),
+            ends: self.ends.load(Ordering::Relaxed),
+            releases: self.releases.load(Ordering::Relaxed),
+            violations: self.violations.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Something that must be told when a registration is freed (the `Mm`'s barrier for
+/// `synchronize`).
+pub(crate) trait FreeNotify: Send + Sync + fmt::Debug {
+    fn freed(&self);
+}
+
+/// The engine's record of one registration.
+///
+/// # Invariants
+///
+/// * `caps` is not contradictory (checked before construction).
+/// * `released` is set, under `release_once`, exactly when `release` has returned; `releasing`
+///   is set before `release` is called and never cleared.
+pub(crate) struct Registration {
+    pub(crate) id: SubscriberId,
+    pub(crate) subscriber: Arc<dyn Subscriber>,
+    pub(crate) caps: Capabilities,
+    /// `Some` for registrations made by `get_or_register`.
+    pub(crate) key: Option<TypeId>,
+    releasing: AtomicBool,
+    release_once: Mutex<bool>,
+    pub(crate) stats: StatCounters,
+    /// Set when unlinked; the `Mm` then counts this registration as a pending free.
+    on_free: Mutex<Option<Arc<dyn FreeNotify>>>,
+}
+
+impl fmt::Debug for Registration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registration")
+            .field("id", &self.id)
+            .field("caps", &self.caps)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Registration {
+    pub(crate) fn new(
+        id: SubscriberId,
+        subscriber: Arc<dyn Subscriber>,
+        caps: Capabilities,
+        key: Option<TypeId>,
+    ) -> Self {
+        Registration {
+            id,
+            subscriber,
+            caps,
+            key,
+            releasing: AtomicBool::new(false),
+            release_once: Mutex::new(false),
+            stats: StatCounters::default(),
+            on_free: Mutex::new(None),
+        }
+    }
+
+    /// Whether new starts (and young/tlb walks) must skip this registration.
+    pub(crate) fn is_releasing(&self) -> bool {
+        // Acquire: pairs with the Release store in `release`; a start that sees the flag also
+        // sees everything the releaser did before deciding to release.
+        self.releasing.load(Ordering::Acquire)
+    }
+
+    /// Calls `release` unless it already ran; returns after it has run, by us or by a
+    /// concurrent caller.
+    ///
+    /// The `release_once` lock is held across the callback: that is what makes a second caller
+    /// wait for the first one's release to *finish*. A release callback that calls back into
+    /// the blocking API of its `Mm` is refused by the context check before reaching this lock.
+    pub(crate) fn release(&self) {
+        let mut released = self.release_once.lock();
+        if *released {
+            return;
+        }
+        self.releasing.store(true, Ordering::Release);
+        self.subscriber.release();
+        StatCounters::bump(&self.stats.releases);
+        *released = true;
+    }
+
+    pub(crate) fn record_start(&self) {
+        StatCounters::bump(&self.stats.starts);
+    }
+
+    pub(crate) fn record_refusal(&self) {
+        StatCounters::bump(&self.stats.refusals);
+    }
+
+    pub(crate) fn record_end(&self) {
+        StatCounters::bump(&self.stats.ends);
+    }
+
+    pub(crate) fn record_violation(&self) {
+        StatCounters::bump(&self.stats.violations);
+    }
+
+    /// Marks the registration unlinked: from now on its drop counts as a pending free of `mm`.
+    pub(crate) fn set_unlinked(&self, notify: Arc<dyn FreeNotify>) {
+        *self.on_free.lock() = Some(notify);
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.subscriber.free();
+        if let Some(notify) = self.on_free.lock().take() {
+            notify.freed();
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! What the current thread is doing, so that blocking calls made from the wrong place fail
+//! with [`Error::WouldDeadlock`] instead of hanging.
+//!
+//! The kernel has lockdep and `might_sleep()` for this; we have a small per-thread record.
+//! Each thread remembers, per address space (keyed by the `Mm`'s unique id):
+//!
+//! * how many invalidation guards it holds (an open `start..end` window), and
+//! * how many callbacks of that address space it is running (callbacks nest: a callback may
+//!   start an invalidation of another range, whose callbacks run on the same thread);
+//!
+//! and, for the whole thread, how deep it is in non-blockable callback context.
+//!
+//! Every blocking operation of the library (register, unregister, put, synchronize, release,
+//! a blocking start, interval insert and remove, read_begin) calls [`may_block`] first:
+//!
+//! | the thread is…                                     | the call waits for…          | verdict                |
+//! |----------------------------------------------------|------------------------------|------------------------|
+//! | running a callback of the same `Mm`                | callbacks to return          | [`DeadlockCause::InsideCallback`] |
+//! | holding a guard of the same `Mm`                   | guards to end                | [`DeadlockCause::HoldsGuard`]     |
+//! | handling a non-blockable invalidation (any `Mm`)   | anything                     | [`DeadlockCause::NonBlockingContext`] |
+//!
+//! The record costs two thread-local accesses per guard and per callback; it allocates
+//! nothing for up to [`INLINE_ENTRIES`] address spaces open at once on one thread.
+
+use std::cell::RefCell;
+use std::marker::PhantomData;
+
+use crate::error::{BlockingOp, DeadlockCause, Error, Result};
+use crate::sync::thread_local;
+
+/// How many address spaces one thread can be inside at once before the record spills to the
+/// heap.
+pub(crate) const INLINE_ENTRIES: usize = 8;
+
+#[derive(Clone, Copy, Default)]
+struct Entry {
+    mm: u64,
+    guards: u32,
+    callbacks: u32,
+}
+
+impl Entry {
+    fn is_free(&self) -> bool {
+        self.guards == 0 && self.callbacks == 0
+    }
+}
+
+#[derive(Default)]
+struct ThreadRecord {
+    inline: [Entry; INLINE_ENTRIES],
+    spill: Vec<Entry>,
+    nonblocking_depth: u32,
+}
+
+impl ThreadRecord {
+    fn find(&mut self, mm: u64) -> Option<&mut Entry> {
+        self.inline
+            .iter_mut()
+            .chain(self.spill.iter_mut())
+            .find(|e| !e.is_free() && e.mm == mm)
+    }
+
+    fn find_or_insert(&mut self, mm: u64) -> &mut Entry {
+        let position = self
+            .inline
+            .iter()
+            .chain(self.spill.iter())
+            .position(|e| !e.is_free() && e.mm == mm)
+            .or_else(|| self.inline.iter().position(Entry::is_free));
+        match position {
+            Some(i) if i < INLINE_ENTRIES => {
+                let entry = &mut self.inline[i];
+                entry.mm = mm;
+                entry
+            }
+            Some(i) => &mut self.spill[i - INLINE_ENTRIES],
+            None => {
+                self.spill.retain(|e| !e.is_free());
+                self.spill.push(Entry {
+                    mm,
+                    ..Entry::default()
+                });
+                self.spill.last_mut().expect("just pushed")
+            }
+        }
+    }
+}
+
+thread_local! {
+    static RECORD: RefCell<ThreadRecord> = RefCell::new(ThreadRecord::default());
+}
+
+/// What a [`Scope`] marks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ScopeKind {
+    /// The thread holds an invalidation guard of the `Mm`.
+    Guard,
+    /// The thread runs a callback of the `Mm`; `nonblocking` if the callback handles a
+    /// non-blockable invalidation.
+    Callback {
+        /// Whether the callback must not sleep.
+        nonblocking: bool,
+    },
+}
+
+/// Marks the current thread as being inside an `Mm` until dropped.
+///
+/// # Invariants
+///
+/// While the value exists, the thread's record counts it once, under its `Mm` and kind. It is
+/// `!Send`: the mark belongs to the thread that made it.
+#[must_use = "the mark is removed when the scope is dropped"]
+#[derive(Debug)]
+pub(crate) struct Scope {
+    mm: u64,
+    kind: ScopeKind,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl Scope {
+    pub(crate) fn enter(mm: u64, kind: ScopeKind) -> Scope {
+        RECORD.with(|record| {
+            let mut record = record.borrow_mut();
+            if let ScopeKind::Callback { nonblocking: true } = kind {
+                record.nonblocking_depth += 1;
+            }
+            let entry = record.find_or_insert(mm);
+            match kind {
+                ScopeKind::Guard => entry.guards += 1,
+                ScopeKind::Callback { .. } => entry.callbacks += 1,
+            }
+        });
+        Scope {
+            mm,
+            kind,
+            _not_send: PhantomData,
+        }
+    }
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        // `try_with`: during thread teardown the record may already be gone, and then there is
+        // nobody left to ask about it.
+        let _ = RECORD.try_with(|record| {
+            let mut record = record.borrow_mut();
+            if let ScopeKind::Callback { nonblocking: true } = self.kind {
+                record.nonblocking_depth -= 1;
+            }
+            if let Some(entry) = record.find(self.mm) {
+                match self.kind {
+                    ScopeKind::Guard => entry.guards -= 1,
+                    ScopeKind::Callback { .. } => entry.callbacks -= 1,
+                }
+            }
+        });
+    }
+}
+
+/// Checks that the current thread may block in `op` on the `Mm` with id `mm`.
+///
+/// # Errors
+///
+/// [`Error::WouldDeadlock`] with the cause from the table in the module docs.
+pub(crate) fn may_block(mm: u64, op: BlockingOp) -> Result<()> {
+    let cause = RECORD.with(|record| {
+        let mut record = record.borrow_mut();
+        if record.nonblocking_depth > 0 {
+            return Some(DeadlockCause::NonBlockingContext);
+        }
+        match record.find(mm) {
+            Some(entry) if entry.callbacks > 0 => Some(DeadlockCause::InsideCallback),
+            Some(entry) if entry.guards > 0 => Some(DeadlockCause::HoldsGuard),
+            _ => None,
+        }
+    });
+    match cause {
+        Some(cause) => Err(Error::WouldDeadlock { op, cause }),
+        None => Ok(()),
+    }
+}
+
+/// Whether the current thread runs a callback for a non-blockable invalidation (of any `Mm`).
+pub fn in_nonblocking_context() -> bool {
+    RECORD.with(|record| record.borrow().nonblocking_depth > 0)
+}

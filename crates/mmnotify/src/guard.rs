@@ -1,0 +1,381 @@
+//! The invalidation guard: one value that owns everything a start opened, so that no path
+//! (success, refusal, panic, early return) can leave an end undelivered or an epoch open.
+//!
+//! # What a start does
+//!
+//! ```text
+//!  enter the Mm's read section ──► interval phase ──────────────► classic phase ──► guard
+//!                                  A += 1 (epoch)                 snapshot the subscribers
+//!                                  call every overlapping         call each start, record
+//!                                  interval, then the finish      who succeeded in a bitmap
+//!                                  steps (two-pass)
+//!                                  refused? close the epoch,      refused? ask the policy who
+//!                                  fail: no classic start runs    gets an end and whether the
+//!                                                                 epoch closes, then fail
+//! ```
+//!
+//! # What the end does
+//!
+//! Closes the epoch first (`A -= 1`), then delivers `invalidate_range_end` to exactly the
+//! subscribers in the started bitmap, in registration order, then leaves the read section.
+//! [`InvalidateGuard::end`] and dropping the guard do the same thing; `end` reads better at the
+//! call site, and drop makes a forgotten end, an early `?` return or a panic harmless.
+//!
+//! # Panicking callbacks
+//!
+//! Every callback runs under `catch_unwind`. A panic is held while the engine finishes what it
+//! owes everybody else (the remaining ends, the epoch), then resumed on the caller's thread. A
+//! start whose callback panicked counts as refused by that subscriber and is unwound like a
+//! refusal under `Exact`, whatever the policy.
+
+use std::any::Any;
+use std::marker::PhantomData;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Arc;
+
+use crate::classic::Refused;
+use crate::context::{Scope, ScopeKind};
+use crate::error::{Error, Refuser, Result};
+use crate::interval::seq::Hits;
+use crate::interval::{Invalidate, IntervalCtx};
+use crate::mm::MmInner;
+use crate::policy::{BlockableRefusal, Policy};
+use crate::range::{Blockable, Event, Invalidation, Range};
+use crate::snapshot::{Snapshot, StartedSet};
+use crate::srcu::SrcuReadGuard;
+
+/// An open invalidation window: the range may now change; [`end`](Self::end) it when the
+/// change is done.
+///
+/// # Invariants
+///
+/// * While `epoch` is true, this guard accounts for exactly one unit of the address space's
+///   active-range count.
+/// * `started` holds exactly the positions in `classic` whose subscriber is owed an end.
+/// * The guard is `!Send`: the read section and the deadlock bookkeeping belong to the thread
+///   that started it.
+#[must_use = "dropping the guard ends the invalidation at once; keep it while changing the range"]
+pub struct InvalidateGuard<'mm> {
+    mm: &'mm MmInner,
+    inv: Invalidation,
+    epoch: bool,
+    classic: Option<Arc<Snapshot>>,
+    started: StartedSet,
+    // Field order is drop order: the snapshot above is released before the thread mark and
+    // the read section below, so a registration freed by this drop is freed inside the read
+    // section that `synchronize` waits for.
+    _scope: Scope,
+    _read: SrcuReadGuard<'mm>,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl std::fmt::Debug for InvalidateGuard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InvalidateGuard")
+            .field("invalidation", &self.inv)
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A panic caught in a callback, to be resumed once the engine is consistent again.
+type Caught = Option<Box<dyn Any + Send>>;
+
+fn catch<R>(caught: &mut Caught, f: impl FnOnce() -> R) -> Option<R> {
+    match panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => Some(r),
+        Err(payload) => {
+            tracing::error!(target: "mmnotify", "a notifier callback panicked; finishing the invalidation before resuming the panic");
+            if caught.is_none() {
+                *caught = Some(payload);
+            }
+            None
+        }
+    }
+}
+
+fn resume(caught: Caught) {
+    if let Some(payload) = caught {
+        panic::resume_unwind(payload);
+    }
+}
+
+impl<'mm> InvalidateGuard<'mm> {
+    /// The invalidation this guard covers.
+    pub fn invalidation(&self) -> Invalidation {
+        self.inv
+    }
+
+    /// The range this guard covers.
+    pub fn range(&self) -> Range {
+        self.inv.range()
+    }
+
+    /// Ends the invalidation: closes the interval epoch, then delivers
+    /// `invalidate_range_end` to exactly the subscribers whose start succeeded.
+    pub fn end(self) {
+        drop(self);
+    }
+
+    pub(crate) fn start(
+        mm: &'mm MmInner,
+        range: Range,
+        event: Event,
+        blockable: Blockable,
+    ) -> Result<Self> {
+        Self::start_with(mm, range, event, blockable, true)
+    }
+
+    /// A blockable invalidation that only the interval subscribers see (the release at
+    /// teardown).
+    pub(crate) fn start_intervals_only(mm: &'mm MmInner, range: Range, event: Event) -> Result<Self> {
+        Self::start_with(mm, range, event, Blockable::Yes, false)
+    }
+
+    fn start_with(
+        mm: &'mm MmInner,
+        range: Range,
+        event: Event,
+        blockable: Blockable,
+        classic: bool,
+    ) -> Result<Self> {
+        let read = mm.srcu.read_lock();
+        let scope = Scope::enter(mm.id, ScopeKind::Guard);
+        let mut guard = InvalidateGuard {
+            mm,
+            inv: Invalidation::new(range, event, blockable),
+            epoch: false,
+            classic: None,
+            started: StartedSet::default(),
+            _scope: scope,
+            _read: read,
+            _not_send: PhantomData,
+        };
+        tracing::trace!(target: "mmnotify", mm = mm.id, ?range, ?event, ?blockable, "invalidate_start");
+        let mut caught: Caught = None;
+        if mm.itree.is_present() {
+            guard.epoch = true;
+            if let Err(refuser) = guard.interval_phase(&mut caught) {
+                guard.close_epoch();
+                drop(guard);
+                resume(caught);
+                return Err(refused(range, vec![refuser]));
+            }
+            if caught.is_some() {
+                drop(guard);
+                resume(caught);
+                unreachable!("resume panics");
+            }
+        }
+        if let Some(snapshot) = mm.classic_snapshot().filter(|_| classic) {
+            guard.started = StartedSet::with_len(snapshot.len());
+            guard.classic = Some(snapshot);
+            guard.classic_phase(&mut caught)?;
+        }
+        Ok(guard)
+    }
+
+    /// Calls every overlapping interval, then the finish steps. `Err` names the first refuser
+    /// of a non-blockable range; the epoch is still open then, for the caller to close.
+    fn interval_phase(&mut self, caught: &mut Caught) -> Result<(), Refuser> {
+        let mut hits = Hits::new();
+        let cur_seq = self.mm.itree.begin(self.inv.range(), &mut hits);
+        if hits.is_empty() {
+            return Ok(());
+        }
+        let nonblocking = !self.inv.is_blockable();
+        let mut finish: u64 = 0;
+        let mut finish_spill: Vec<usize> = Vec::new();
+        let mut refuser = None;
+        for (i, node) in hits.iter().enumerate() {
+            let ctx = IntervalCtx { node, cur_seq };
+            let outcome = {
+                let _cb = Scope::enter(self.mm.id, ScopeKind::Callback { nonblocking });
+                catch(caught, || node.subscriber.invalidate(&ctx, &self.inv))
+            };
+            match outcome {
+                Some(Invalidate::Done) => {}
+                Some(Invalidate::Finish) if i < 64 => finish |= 1 << i,
+                Some(Invalidate::Finish) => finish_spill.push(i),
+                Some(Invalidate::Refused) if nonblocking => {
+                    tracing::debug!(target: "mmnotify", mm = self.mm.id, interval = node.id.0, range = ?self.inv.range(), "interval invalidate refused");
+                    refuser = Some(Refuser::Interval(node.id));
+                    break;
+                }
+                Some(Invalidate::Refused) => {
+                    tracing::warn!(target: "mmnotify", mm = self.mm.id, interval = node.id.0, "interval invalidate refused a blockable range (contract violation); ignored");
+                }
+                None => {
+                    // A panicking callback stops the walk like a refusal.
+                    refuser = Some(Refuser::Interval(node.id));
+                    break;
+                }
+            }
+        }
+        for (i, node) in hits.iter().enumerate() {
+            let wants_finish = if i < 64 {
+                finish & (1 << i) != 0
+            } else {
+                finish_spill.contains(&i)
+            };
+            if wants_finish {
+                let ctx = IntervalCtx { node, cur_seq };
+                let _cb = Scope::enter(self.mm.id, ScopeKind::Callback { nonblocking });
+                catch(caught, || node.subscriber.invalidate_finish(&ctx, &self.inv));
+            }
+        }
+        match refuser {
+            Some(r) if caught.is_none() => Err(r),
+            _ => Ok(()),
+        }
+    }
+
+    /// Calls the classic starts and applies the policy to a refusal.
+    fn classic_phase(&mut self, caught: &mut Caught) -> Result<()> {
+        let policy = self.mm.policy;
+        let blockable = self.inv.is_blockable();
+        let snapshot = Arc::clone(self.classic.as_ref().expect("classic phase has a snapshot"));
+        let mut refusers: Vec<Refuser> = Vec::new();
+        let mut end_now_and_later = false;
+        for (i, reg) in snapshot.subs.iter().enumerate() {
+            if reg.is_releasing() {
+                continue;
+            }
+            if !reg.caps.has_start() {
+                self.started.insert(i);
+                continue;
+            }
+            let result = {
+                let _cb = Scope::enter(self.mm.id, ScopeKind::Callback { nonblocking: !blockable });
+                catch(caught, || reg.subscriber.invalidate_range_start(&self.inv))
+            };
+            match result {
+                Some(Ok(())) => {
+                    reg.record_start();
+                    self.started.insert(i);
+                }
+                Some(Err(Refused)) => {
+                    reg.record_refusal();
+                    if !reg.caps.can_refuse() {
+                        reg.record_violation();
+                        tracing::warn!(target: "mmnotify", mm = self.mm.id, subscriber = reg.id.0, "a subscriber that did not declare may_refuse refused a start (contract violation)");
+                    }
+                    if blockable {
+                        reg.record_violation();
+                        tracing::warn!(target: "mmnotify", mm = self.mm.id, subscriber = reg.id.0, range = ?self.inv.range(), "a blockable start was refused (contract violation)");
+                        match policy.blockable_refusal() {
+                            BlockableRefusal::NotStarted => {}
+                            BlockableRefusal::Ignored => self.started.insert(i),
+                            BlockableRefusal::EndNowAndLater => end_now_and_later = true,
+                        }
+                        continue;
+                    }
+                    if policy == Policy::Kernel && reg.caps.has_end() {
+                        reg.record_violation();
+                        tracing::warn!(target: "mmnotify", mm = self.mm.id, subscriber = reg.id.0, "a subscriber with an end refused a start (Linux warns: such a subscriber must not have an end)");
+                    }
+                    tracing::debug!(target: "mmnotify", mm = self.mm.id, subscriber = reg.id.0, range = ?self.inv.range(), "invalidate_range_start refused");
+                    refusers.push(Refuser::Classic(reg.id));
+                    if !policy.continue_after_refusal() {
+                        break;
+                    }
+                }
+                None => {
+                    // A panicking start: treated as a refusal under Exact, whatever the policy.
+                    refusers.push(Refuser::Classic(reg.id));
+                    break;
+                }
+            }
+        }
+
+        if caught.is_some() {
+            // Unwind exactly: close the epoch, end who started, then resume the panic.
+            self.close_epoch();
+            self.deliver_ends(caught);
+            self.started.clear();
+            resume(caught.take());
+        }
+
+        if end_now_and_later {
+            // Linux >= 5.12 with a blockable refusal: ends go to everyone with an end now (from
+            // inside the start), and again at the caller's end, which ignored the failure.
+            self.mark_all_with_end(&snapshot);
+            self.deliver_ends(caught);
+            self.mark_all_with_end(&snapshot);
+        }
+
+        if refusers.is_empty() {
+            return Ok(());
+        }
+
+        // A refused non-blockable start: the policy decides who gets an end and whether the
+        // interval epoch closes; the guard is then disarmed and the start fails.
+        let mut owed = StartedSet::with_len(snapshot.len());
+        for (i, reg) in snapshot.subs.iter().enumerate() {
+            if policy.end_after_refusal(reg.caps, self.started.contains(i)) {
+                owed.insert(i);
+            }
+        }
+        self.started = owed;
+        if policy.close_epoch_after_classic_refusal() {
+            self.close_epoch();
+        } else if self.epoch {
+            // INVARIANT: the active-range count unit is deliberately leaked, as Linux does.
+            tracing::warn!(target: "mmnotify", mm = self.mm.id, ?policy, "the interval epoch of a refused start is left open (reproducing Linux)");
+            self.epoch = false;
+        }
+        self.deliver_ends(caught);
+        self.started.clear();
+        resume(caught.take());
+        Err(refused(self.inv.range(), refusers))
+    }
+
+    fn mark_all_with_end(&mut self, snapshot: &Snapshot) {
+        for (i, reg) in snapshot.subs.iter().enumerate() {
+            if reg.caps.has_end() {
+                self.started.insert(i);
+            }
+        }
+    }
+
+    /// Gives back this guard's unit of the active-range count, once.
+    fn close_epoch(&mut self) {
+        if std::mem::take(&mut self.epoch) {
+            self.mm.itree.end();
+        }
+    }
+
+    /// Sends `invalidate_range_end` to every started subscriber that declares one, and
+    /// empties the started set.
+    fn deliver_ends(&mut self, caught: &mut Caught) {
+        let Some(snapshot) = self.classic.as_ref() else {
+            return;
+        };
+        let nonblocking = !self.inv.is_blockable();
+        for (i, reg) in snapshot.subs.iter().enumerate() {
+            if self.started.contains(i) && reg.caps.has_end() {
+                let _cb = Scope::enter(self.mm.id, ScopeKind::Callback { nonblocking });
+                catch(caught, || reg.subscriber.invalidate_range_end(&self.inv));
+                reg.record_end();
+            }
+        }
+        self.started.clear();
+    }
+}
+
+fn refused(range: Range, refusers: Vec<Refuser>) -> Error {
+    Error::StartRefused { range, refusers }
+}
+
+impl Drop for InvalidateGuard<'_> {
+    fn drop(&mut self) {
+        let mut caught: Caught = None;
+        self.close_epoch();
+        self.deliver_ends(&mut caught);
+        self.classic = None;
+        tracing::trace!(target: "mmnotify", mm = self.mm.id, range = ?self.inv.range(), "invalidate_end");
+        if !std::thread::panicking() {
+            resume(caught);
+        }
+    }
+}

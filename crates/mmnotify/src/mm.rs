@@ -1,0 +1,666 @@
+//! The hub: one [`Mm`] per address space, owning both kinds of subscription, the read side
+//! and the policy.
+//!
+//! Writers (register, unregister, get/put, release, interval insert/remove) serialise on the
+//! registry lock and publish new subscriber snapshots; invalidations never take that lock.
+//! See `srcu.rs` for how writers wait for invalidations, `guard.rs` for what an invalidation
+//! does, `interval/seq.rs` for the interval protocol.
+
+use std::any::TypeId;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::classic::{FreeNotify, Registration, Subscriber, SubscriberId, SubscriberStats};
+use crate::context::{self, Scope, ScopeKind};
+use crate::error::{BlockingOp, Error, Result};
+use crate::guard::InvalidateGuard;
+use crate::interval::seq::IntervalState;
+use crate::interval::{IntervalHandle, IntervalId, IntervalNode, IntervalSubscriber, Itree};
+use crate::policy::Policy;
+use crate::range::{Blockable, Event, Range};
+use crate::snapshot::Snapshot;
+use crate::srcu::Srcu;
+use crate::sync::atomic::{AtomicBool, Ordering};
+use crate::sync::{Condvar, Mutex, RwLock};
+
+/// Process-wide unique numbers for address spaces, subscribers and intervals. Not part of any
+/// protocol, so a plain `std` atomic even under loom.
+fn next_id() -> u64 {
+    #[expect(clippy::disallowed_types, reason = "id allocation takes part in no protocol")]
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// An address space that secondary MMUs subscribe to (Linux's `mm_struct`, notifier side).
+///
+/// Cloning an `Mm` gives another handle to the same address space.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicI64, Ordering};
+/// use mmnotify::{Capabilities, Event, Invalidation, Mm, Range, Refused, Subscriber};
+///
+/// #[derive(Default)]
+/// struct Counting(AtomicI64);
+/// impl Subscriber for Counting {
+///     fn capabilities(&self) -> Capabilities { Capabilities::new().with_start().with_end() }
+///     fn invalidate_range_start(&self, _: &Invalidation) -> Result<(), Refused> {
+///         self.0.fetch_add(1, Ordering::SeqCst);
+///         Ok(())
+///     }
+///     fn invalidate_range_end(&self, _: &Invalidation) { self.0.fetch_sub(1, Ordering::SeqCst); }
+/// }
+///
+/// let mm = Mm::new();
+/// let sub = Arc::new(Counting::default());
+/// let id = mm.register(sub.clone())?;
+/// let guard = mm.invalidate_start(Range::new(0x1000, 0x2000)?, Event::Unmap)?;
+/// assert_eq!(sub.0.load(Ordering::SeqCst), 1); // inside the window
+/// guard.end();
+/// assert_eq!(sub.0.load(Ordering::SeqCst), 0);
+/// mm.unregister(id)?;
+/// # Ok::<(), mmnotify::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Mm {
+    inner: Arc<MmInner>,
+}
+
+/// Options for [`Mm::builder`].
+#[derive(Clone, Copy, Debug)]
+pub struct MmBuilder {
+    policy: Policy,
+    initial_interval_seq: u64,
+}
+
+impl MmBuilder {
+    /// The pairing policy (default [`Policy::Exact`]).
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The interval sequence's first value (default 2, as in Linux). Tests use values near
+    /// `u64::MAX` to exercise wrap-around; an odd value is rounded down to even, and values
+    /// below 2 become 2.
+    pub fn initial_interval_seq(mut self, seq: u64) -> Self {
+        self.initial_interval_seq = (seq & !1).max(2);
+        self
+    }
+
+    /// Creates the address space.
+    pub fn build(self) -> Mm {
+        let id = next_id();
+        Mm {
+            inner: Arc::new(MmInner {
+                id,
+                policy: self.policy,
+                srcu: Srcu::new(),
+                snapshot: RwLock::new(Arc::new(Snapshot::default())),
+                has_classic: AtomicBool::new(false),
+                registry: Mutex::new(Registry::default()),
+                frees: Arc::new(FreeBarrier::default()),
+                itree: Arc::new(Itree::new(id, self.initial_interval_seq)),
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    released: bool,
+    /// `get_or_register` registrations: key → (id, use count).
+    shared: HashMap<TypeId, (SubscriberId, u64)>,
+    /// Registrations claimed by an unregister in progress.
+    unregistering: Vec<SubscriberId>,
+}
+
+/// Counts unlinked registrations that were not freed yet; `synchronize` waits for zero.
+#[derive(Debug, Default)]
+struct FreeBarrier {
+    pending: Mutex<usize>,
+    all_freed: Condvar,
+}
+
+impl FreeBarrier {
+    fn add(&self) {
+        *self.pending.lock() += 1;
+    }
+
+    fn wait(&self) {
+        let mut pending = self.pending.lock();
+        while *pending > 0 {
+            pending = self.all_freed.wait(pending);
+        }
+    }
+}
+
+impl FreeNotify for FreeBarrier {
+    fn freed(&self) {
+        let mut pending = self.pending.lock();
+        *pending -= 1;
+        if *pending == 0 {
+            self.all_freed.notify_all();
+        }
+    }
+}
+
+pub(crate) struct MmInner {
+    pub(crate) id: u64,
+    pub(crate) policy: Policy,
+    pub(crate) srcu: Srcu,
+    /// The current classic snapshot; replaced, never mutated.
+    snapshot: RwLock<Arc<Snapshot>>,
+    /// Whether `snapshot` is non-empty: lets an invalidation with no classic subscriber skip
+    /// the snapshot lock. Written under `registry`, read inside a read section.
+    has_classic: AtomicBool,
+    registry: Mutex<Registry>,
+    frees: Arc<FreeBarrier>,
+    pub(crate) itree: Arc<Itree>,
+}
+
+impl std::fmt::Debug for MmInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mm")
+            .field("id", &self.id)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MmInner {
+    /// The current snapshot, or `None` when there is no classic subscriber. Called inside a
+    /// read section.
+    pub(crate) fn classic_snapshot(&self) -> Option<Arc<Snapshot>> {
+        // Acquire: pairs with the Release in `publish`.
+        if !self.has_classic.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(Arc::clone(&self.snapshot.read()))
+    }
+
+    fn current(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.snapshot.read())
+    }
+
+    /// Installs `next` as the current snapshot. Called with the registry lock held.
+    fn publish(&self, next: Snapshot) {
+        let non_empty = next.len() > 0;
+        *self.snapshot.write() = Arc::new(next);
+        self.has_classic.store(non_empty, Ordering::Release);
+    }
+
+    /// Removes `id` from the current snapshot, if present. Called with the registry lock held.
+    fn unlink(&self, id: SubscriberId) -> bool {
+        let current = self.current();
+        let Some(index) = current.position(id) else {
+            return false;
+        };
+        self.frees.add();
+        current.subs[index].set_unlinked(Arc::clone(&self.frees) as Arc<dyn FreeNotify>);
+        self.publish(current.without(index));
+        true
+    }
+}
+
+impl Default for Mm {
+    fn default() -> Self {
+        Mm::new()
+    }
+}
+
+impl Mm {
+    /// A new address space with the default policy, [`Policy::Exact`].
+    pub fn new() -> Mm {
+        Mm::builder().build()
+    }
+
+    /// A new address space with the given policy.
+    pub fn with_policy(policy: Policy) -> Mm {
+        Mm::builder().policy(policy).build()
+    }
+
+    /// Options for a new address space.
+    pub fn builder() -> MmBuilder {
+        MmBuilder {
+            policy: Policy::Exact,
+            initial_interval_seq: 2,
+        }
+    }
+
+    /// This address space's process-wide unique number.
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// The pairing policy.
+    pub fn policy(&self) -> Policy {
+        self.inner.policy
+    }
+
+    // --- classic subscribers -------------------------------------------------------------
+
+    /// Registers a classic subscriber and returns its id.
+    ///
+    /// Waits until every invalidation that was in flight has ended, so that the new subscriber
+    /// cannot have missed the start of a window that is still open (Linux gets this from
+    /// `mm_take_all_locks`). Every invalidation that starts after this call began includes it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::CapabilityConflict`], [`Error::AlreadyRegistered`] (the same object twice),
+    /// [`Error::Released`], [`Error::WouldDeadlock`].
+    pub fn register(&self, subscriber: Arc<dyn Subscriber>) -> Result<SubscriberId> {
+        self.register_keyed(subscriber, None, BlockingOp::Register)
+    }
+
+    fn register_keyed(
+        &self,
+        subscriber: Arc<dyn Subscriber>,
+        key: Option<TypeId>,
+        op: BlockingOp,
+    ) -> Result<SubscriberId> {
+        let caps = subscriber.capabilities();
+        if caps.is_contradictory() {
+            return Err(Error::CapabilityConflict);
+        }
+        context::may_block(self.inner.id, op)?;
+        let id = {
+            let mut registry = self.inner.registry.lock();
+            if registry.released {
+                return Err(Error::Released);
+            }
+            let current = self.inner.current();
+            let thin = |s: &Arc<dyn Subscriber>| Arc::as_ptr(s).cast::<()>();
+            if let Some(existing) = current
+                .subs
+                .iter()
+                .find(|r| thin(&r.subscriber) == thin(&subscriber))
+            {
+                return Err(Error::AlreadyRegistered {
+                    existing: existing.id,
+                });
+            }
+            if let Some((existing, uses)) = key.and_then(|k| registry.shared.get_mut(&k)) {
+                // Lost a race with another get_or_register: use theirs; ours is dropped unused.
+                *uses = uses
+                    .checked_add(1)
+                    .ok_or(Error::UseCountOverflow { id: *existing })?;
+                return Ok(*existing);
+            }
+            let id = SubscriberId(next_id());
+            if let Some(key) = key {
+                registry.shared.insert(key, (id, 1));
+            }
+            let reg = Arc::new(Registration::new(id, subscriber, caps, key));
+            self.inner.publish(current.with(reg));
+            id
+        };
+        tracing::debug!(target: "mmnotify", mm = self.inner.id, subscriber = id.0, ?caps, "registered");
+        self.inner.srcu.synchronize();
+        Ok(id)
+    }
+
+    /// Unregisters a classic subscriber registered with [`register`](Self::register).
+    ///
+    /// Calls its `release` (unless process exit already did), unlinks it, and waits until
+    /// every invalidation that had started it has delivered its end. When this returns, no
+    /// callback of the subscriber runs or will run, and `release` has run exactly once.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotRegistered`] for an unknown id (or one being unregistered concurrently);
+    /// [`Error::SharedUsePut`] for an id from [`get_or_register`](Self::get_or_register), which
+    /// must be [`put`](Self::put); [`Error::WouldDeadlock`] from inside a callback of this
+    /// address space or while holding one of its guards.
+    pub fn unregister(&self, id: SubscriberId) -> Result<()> {
+        context::may_block(self.inner.id, BlockingOp::Unregister)?;
+        let reg = {
+            let mut registry = self.inner.registry.lock();
+            let current = self.inner.current();
+            let reg = current
+                .position(id)
+                .map(|i| Arc::clone(&current.subs[i]))
+                .filter(|_| !registry.unregistering.contains(&id))
+                .ok_or(Error::NotRegistered { id })?;
+            if reg.key.is_some() {
+                return Err(Error::SharedUsePut { id });
+            }
+            registry.unregistering.push(id);
+            reg
+        };
+        {
+            let _cb = Scope::enter(self.inner.id, ScopeKind::Callback { nonblocking: false });
+            reg.release();
+        }
+        {
+            let mut registry = self.inner.registry.lock();
+            self.inner.unlink(id);
+            registry.unregistering.retain(|&u| u != id);
+        }
+        drop(reg);
+        self.inner.srcu.synchronize();
+        tracing::debug!(target: "mmnotify", mm = self.inner.id, subscriber = id.0, "unregistered");
+        Ok(())
+    }
+
+    /// Returns the single subscriber of type `S` on this address space, registering the one
+    /// `alloc` makes if there is none, and counts one more use (Linux's `mmu_notifier_get`,
+    /// keyed by type instead of by ops pointer).
+    ///
+    /// `alloc` runs without any engine lock held; if two threads race, one allocation is
+    /// dropped unused (its `free` is not called: it was never registered).
+    ///
+    /// # Errors
+    ///
+    /// As [`register`](Self::register), plus [`Error::UseCountOverflow`].
+    pub fn get_or_register<S: Subscriber>(
+        &self,
+        alloc: impl FnOnce() -> Arc<S>,
+    ) -> Result<SubscriberId> {
+        let key = TypeId::of::<S>();
+        context::may_block(self.inner.id, BlockingOp::GetOrRegister)?;
+        if let Some(id) = self.get_existing(key)? {
+            return Ok(id);
+        }
+        let fresh: Arc<dyn Subscriber> = alloc();
+        self.register_keyed(fresh, Some(key), BlockingOp::GetOrRegister)
+    }
+
+    fn get_existing(&self, key: TypeId) -> Result<Option<SubscriberId>> {
+        let mut registry = self.inner.registry.lock();
+        if registry.released {
+            return Err(Error::Released);
+        }
+        match registry.shared.get_mut(&key) {
+            Some((id, uses)) => {
+                *uses = uses
+                    .checked_add(1)
+                    .ok_or(Error::UseCountOverflow { id: *id })?;
+                Ok(Some(*id))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Drops one use of a subscriber from [`get_or_register`](Self::get_or_register). At zero
+    /// it is unlinked at once, without `release` (drop the mirror before the last put), and its
+    /// `free` runs after every callback that was running has returned. Never blocks, so it may
+    /// be called from a callback, `release` included.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotRegistered`], or [`Error::NotShared`] for an id from
+    /// [`register`](Self::register).
+    pub fn put(&self, id: SubscriberId) -> Result<()> {
+        let mut registry = self.inner.registry.lock();
+        let current = self.inner.current();
+        let Some(index) = current.position(id) else {
+            return Err(Error::NotRegistered { id });
+        };
+        let Some(key) = current.subs[index].key else {
+            return Err(Error::NotShared { id });
+        };
+        let entry = registry
+            .shared
+            .get_mut(&key)
+            .expect("a keyed registration has a use count");
+        entry.1 -= 1;
+        if entry.1 == 0 {
+            registry.shared.remove(&key);
+            self.inner.unlink(id);
+            tracing::debug!(target: "mmnotify", mm = self.inner.id, subscriber = id.0, "put to zero; unlinked");
+        }
+        Ok(())
+    }
+
+    /// Waits until every subscriber that was unlinked (by `put`, `unregister` or `release`)
+    /// has been freed, i.e. its `free` ran (Linux's `mmu_notifier_synchronize`, but a barrier,
+    /// not only a grace period).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::WouldDeadlock`] from inside a callback or while holding a guard of this
+    /// address space.
+    pub fn synchronize(&self) -> Result<()> {
+        context::may_block(self.inner.id, BlockingOp::Synchronize)?;
+        self.inner.srcu.synchronize();
+        self.inner.frees.wait();
+        Ok(())
+    }
+
+    /// The counters of a registered classic subscriber.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotRegistered`].
+    pub fn subscriber_stats(&self, id: SubscriberId) -> Result<SubscriberStats> {
+        let current = self.inner.current();
+        current
+            .position(id)
+            .map(|i| current.subs[i].stats.snapshot())
+            .ok_or(Error::NotRegistered { id })
+    }
+
+    /// The ids of the registered classic subscribers, in call order.
+    pub fn subscribers(&self) -> Vec<SubscriberId> {
+        self.inner.current().subs.iter().map(|r| r.id).collect()
+    }
+
+    /// Process exit (Linux's `mmu_notifier_release`, run first in `exit_mmap`).
+    ///
+    /// Runs one blockable [`Event::Release`] invalidation of [`Range::ALL`] for the interval
+    /// subscribers (which stay inserted and keep receiving invalidations), then calls every
+    /// classic subscriber's `release` exactly once (racing unregisters included), unlinks them
+    /// all and waits for their owed ends. Afterwards nothing can subscribe. A second call does
+    /// nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::WouldDeadlock`] from inside a callback or while holding a guard.
+    pub fn release(&self) -> Result<()> {
+        context::may_block(self.inner.id, BlockingOp::Release)?;
+        {
+            let mut registry = self.inner.registry.lock();
+            if registry.released {
+                return Ok(());
+            }
+            registry.released = true;
+        }
+        if self.inner.itree.is_present() {
+            // Blockable, so it cannot be refused; a panicking callback resumes here.
+            if let Ok(guard) =
+                InvalidateGuard::start_intervals_only(&self.inner, Range::ALL, Event::Release)
+            {
+                guard.end();
+            }
+        }
+        let snapshot = self.inner.current();
+        for reg in snapshot.subs.iter() {
+            let _cb = Scope::enter(self.inner.id, ScopeKind::Callback { nonblocking: false });
+            reg.release();
+        }
+        {
+            let mut registry = self.inner.registry.lock();
+            for reg in snapshot.subs.iter() {
+                self.inner.unlink(reg.id);
+            }
+            registry.shared.clear();
+        }
+        drop(snapshot);
+        self.inner.srcu.synchronize();
+        tracing::debug!(target: "mmnotify", mm = self.inner.id, "released");
+        Ok(())
+    }
+
+    /// Whether [`release`](Self::release) was called.
+    pub fn is_released(&self) -> bool {
+        self.inner.registry.lock().released
+    }
+
+    // --- invalidations -------------------------------------------------------------------
+
+    /// Announces that the primary entries of `range` are about to change, and returns the
+    /// guard to end it with. Subscribers may sleep; none may refuse.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::WouldDeadlock`] with [`DeadlockCause::NonBlockingContext`](crate::DeadlockCause)
+    /// when called from a callback of a non-blockable invalidation.
+    pub fn invalidate_start(&self, range: Range, event: Event) -> Result<InvalidateGuard<'_>> {
+        if context::in_nonblocking_context() {
+            context::may_block(self.inner.id, BlockingOp::InvalidateStart)?;
+        }
+        InvalidateGuard::start(&self.inner, range, event, Blockable::Yes)
+    }
+
+    /// The non-blocking start used by the OOM reaper: subscribers must not sleep and may
+    /// refuse.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::StartRefused`] naming the refusers: nothing in the range may change now.
+    /// Under [`Policy::Exact`] every subscriber that was started has been ended again and the
+    /// interval epoch is closed; under the other policies, what Linux did (see [`Policy`]).
+    #[must_use = "a refused start means the range must not change"]
+    pub fn invalidate_start_nonblock(
+        &self,
+        range: Range,
+        event: Event,
+    ) -> Result<InvalidateGuard<'_>> {
+        InvalidateGuard::start(&self.inner, range, event, Blockable::No)
+    }
+
+    /// Calls every classic subscriber's `clear_flush_young` and ORs the answers.
+    pub fn clear_flush_young(&self, range: Range) -> bool {
+        self.young_walk(|s| s.clear_flush_young(range), false)
+    }
+
+    /// Calls every classic subscriber's `clear_young` and ORs the answers.
+    pub fn clear_young(&self, range: Range) -> bool {
+        self.young_walk(|s| s.clear_young(range), false)
+    }
+
+    /// Asks classic subscribers, in order, whether `addr` is young; stops at the first yes.
+    pub fn test_young(&self, addr: u64) -> bool {
+        self.young_walk(|s| s.test_young(addr), true)
+    }
+
+    fn young_walk(&self, mut call: impl FnMut(&dyn Subscriber) -> bool, stop_at_first: bool) -> bool {
+        let _read = self.inner.srcu.read_lock();
+        let Some(snapshot) = self.inner.classic_snapshot() else {
+            return false;
+        };
+        let mut young = false;
+        for reg in snapshot.subs.iter().filter(|r| !r.is_releasing()) {
+            let _cb = Scope::enter(self.inner.id, ScopeKind::Callback { nonblocking: true });
+            young |= call(reg.subscriber.as_ref());
+            if young && stop_at_first {
+                break;
+            }
+        }
+        young
+    }
+
+    /// Flushes the secondary TLBs of `range` on every subscriber that declared the
+    /// secondary-TLB callback (called in step with the primary TLB flush; never sleeps).
+    pub fn arch_invalidate_secondary_tlbs(&self, range: Range) {
+        let _read = self.inner.srcu.read_lock();
+        let Some(snapshot) = self.inner.classic_snapshot() else {
+            return;
+        };
+        for reg in snapshot
+            .subs
+            .iter()
+            .filter(|r| r.caps.has_secondary_tlb() && !r.is_releasing())
+        {
+            let _cb = Scope::enter(self.inner.id, ScopeKind::Callback { nonblocking: true });
+            reg.subscriber.arch_invalidate_secondary_tlbs(range);
+        }
+    }
+
+    // --- interval subscribers ------------------------------------------------------------
+
+    /// Inserts an interval subscription over `[start, start + len - 1]`.
+    ///
+    /// During an invalidation epoch the insertion is deferred to the epoch's end; the first
+    /// `read_begin` on the new interval waits for every invalidation in flight to end. The
+    /// very first insert on an address space waits for invalidations in flight (they did not
+    /// look for intervals).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::EmptyRange`] for `len == 0`, [`Error::RangeOverflow`] when the interval would
+    /// wrap, [`Error::Released`], and [`Error::WouldDeadlock`] for a first insert from a
+    /// callback or with a guard held.
+    pub fn insert_interval(
+        &self,
+        start: u64,
+        len: u64,
+        subscriber: Arc<dyn IntervalSubscriber>,
+    ) -> Result<IntervalHandle> {
+        if len == 0 {
+            return Err(Error::EmptyRange { start });
+        }
+        let last = start
+            .checked_add(len - 1)
+            .ok_or(Error::RangeOverflow { start, len })?;
+        if self.inner.registry.lock().released {
+            return Err(Error::Released);
+        }
+        if !self.inner.itree.is_present() {
+            context::may_block(self.inner.id, BlockingOp::Insert)?;
+            if self.inner.itree.mark_present() {
+                // Invalidations in flight did not count themselves in the interval state.
+                self.inner.srcu.synchronize();
+            }
+        }
+        let node = Arc::new(IntervalNode::new(
+            IntervalId(next_id()),
+            start,
+            last,
+            subscriber,
+            Arc::clone(&self.inner.itree),
+        ));
+        self.inner.itree.insert(&node);
+        tracing::debug!(target: "mmnotify", mm = self.inner.id, interval = node.id.0, start, last, "interval inserted");
+        Ok(IntervalHandle { node })
+    }
+
+    /// Removes an interval subscription; returns once no callback of it runs or can start
+    /// (it may wait for the current epoch to close).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::IntervalNotInserted`] if it was already removed, [`Error::WouldDeadlock`]
+    /// from a callback (use [`IntervalCtx::remove_deferred`](crate::IntervalCtx::remove_deferred)
+    /// there) or while holding a guard.
+    pub fn remove_interval(&self, handle: &IntervalHandle) -> Result<()> {
+        self.check_owner(handle)?;
+        self.inner.itree.remove(&handle.node)
+    }
+
+    /// Removes an interval subscription when the current epoch closes, without waiting; allowed
+    /// anywhere, callbacks included.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::IntervalNotInserted`] if it was already removed.
+    pub fn remove_interval_deferred(&self, handle: &IntervalHandle) -> Result<()> {
+        self.check_owner(handle)?;
+        self.inner.itree.remove_deferred(&handle.node).map(|_| ())
+    }
+
+    fn check_owner(&self, handle: &IntervalHandle) -> Result<()> {
+        if Arc::ptr_eq(&handle.node.itree, &self.inner.itree) {
+            Ok(())
+        } else {
+            Err(Error::IntervalNotInserted { id: handle.id() })
+        }
+    }
+
+    /// The interval protocol's state: sequence, invalidations in flight, index size.
+    pub fn interval_state(&self) -> IntervalState {
+        self.inner.itree.state()
+    }
+}

@@ -1,0 +1,116 @@
+//! Who gets an `invalidate_range_end` when a start is refused: ours, and Linux's two historic
+//! answers, so that the same scenario can be run under each and compared.
+//!
+//! The dispatcher (in `guard.rs`) is mechanism: it calls the starts, and records facts (who was
+//! called, who refused, whether the range was blockable). This module is policy: a handful of
+//! pure functions that turn those facts into decisions. Nothing here touches shared state.
+//!
+//! | after a refusal…                              | `Exact` (default) | `Kernel` (Linux ≥ 5.12) | `Legacy` (Linux 4.19–5.11) |
+//! |-----------------------------------------------|-------------------|-------------------------|----------------------------|
+//! | later classic starts are still called          | no                | yes                     | yes                        |
+//! | `end` goes to                                  | exactly the subscribers whose start succeeded | every subscriber that declares an end (refusers included) | nobody |
+//! | the interval epoch opened by this start closes | yes               | no (the leak of the reference's §9.8) | no (same code shape) |
+//! | a refusal on a *blockable* range               | reported; the refuser gets no end, the others proceed | reported; ends are sent at once *and* again at the real end | reported; ignored, the refuser is ended like everyone else |
+//!
+//! On success the three agree: every subscriber whose start ran (or that has no start) and
+//! that declares an end gets exactly one end.
+
+use crate::classic::Capabilities;
+
+/// How an [`Mm`](crate::Mm) pairs ends with starts when a start is refused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Policy {
+    /// mmnotify's own: a refused non-blocking start ends exactly the subscribers whose start
+    /// succeeded, closes the interval epoch, and reports the refusers. Nothing is ever lost or
+    /// sent twice.
+    #[default]
+    Exact,
+    /// Linux since v5.12 (commit c2655835fd8c): every classic start is called even after a
+    /// refusal; then every subscriber that declares an end gets one, refusers included; the
+    /// interval epoch is *not* closed when a classic start refuses after interval callbacks
+    /// succeeded, so later `read_begin` and `remove` calls on a touched interval wait forever.
+    Kernel,
+    /// Linux 4.19 to 5.11: every classic start is called; on a refusal nobody gets an end
+    /// (the caller skips it), so subscribers whose start succeeded stay raised forever; the
+    /// interval epoch leaks as under `Kernel`.
+    Legacy,
+}
+
+/// What a policy does with a start refused on a *blockable* range (a contract violation: a
+/// blockable start must not refuse).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BlockableRefusal {
+    /// The refuser is treated as not started (no end); the others proceed.
+    NotStarted,
+    /// Linux ≥ 5.12: ends go at once to every subscriber with an end, and the caller, which
+    /// ignores a blockable start's result, sends them all again at its end.
+    EndNowAndLater,
+    /// Linux 4.19–5.11: the result is ignored and the refuser is ended like everyone else.
+    Ignored,
+}
+
+impl Policy {
+    /// Whether the classic start chain continues after a refusal.
+    pub(crate) const fn continue_after_refusal(self) -> bool {
+        !matches!(self, Policy::Exact)
+    }
+
+    /// Whether, after a non-blocking refusal, a subscriber with these capabilities, whose
+    /// start did (`started`) or did not succeed, is sent an end.
+    pub(crate) const fn end_after_refusal(self, caps: Capabilities, started: bool) -> bool {
+        match self {
+            Policy::Exact => started && caps.has_end(),
+            Policy::Kernel => caps.has_end(),
+            Policy::Legacy => false,
+        }
+    }
+
+    /// Whether a classic refusal closes the interval epoch that the same start opened.
+    pub(crate) const fn close_epoch_after_classic_refusal(self) -> bool {
+        matches!(self, Policy::Exact)
+    }
+
+    /// What happens when a start refuses although the range was blockable.
+    pub(crate) const fn blockable_refusal(self) -> BlockableRefusal {
+        match self {
+            Policy::Exact => BlockableRefusal::NotStarted,
+            Policy::Kernel => BlockableRefusal::EndNowAndLater,
+            Policy::Legacy => BlockableRefusal::Ignored,
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    const WITH_END: Capabilities = Capabilities::new().with_start().with_end();
+    const NO_END: Capabilities = Capabilities::new().with_start().may_refuse();
+
+    /// I5: under Exact an end after a refusal goes exactly to started subscribers with an end.
+    #[test]
+    fn exact_ends_only_started_subscribers() {
+        assert!(Policy::Exact.end_after_refusal(WITH_END, true));
+        assert!(!Policy::Exact.end_after_refusal(WITH_END, false));
+        assert!(!Policy::Exact.end_after_refusal(NO_END, true));
+        assert!(!Policy::Exact.continue_after_refusal());
+        assert!(Policy::Exact.close_epoch_after_classic_refusal());
+    }
+
+    /// P2: Kernel ends everyone with an end, started or not, and leaks the epoch.
+    #[test]
+    fn kernel_ends_everyone_with_an_end() {
+        assert!(Policy::Kernel.end_after_refusal(WITH_END, false));
+        assert!(!Policy::Kernel.end_after_refusal(NO_END, true));
+        assert!(Policy::Kernel.continue_after_refusal());
+        assert!(!Policy::Kernel.close_epoch_after_classic_refusal());
+    }
+
+    /// P3: Legacy ends nobody after a refusal.
+    #[test]
+    fn legacy_ends_nobody() {
+        assert!(!Policy::Legacy.end_after_refusal(WITH_END, true));
+        assert!(Policy::Legacy.continue_after_refusal());
+        assert_eq!(Policy::Legacy.blockable_refusal(), BlockableRefusal::Ignored);
+    }
+}
