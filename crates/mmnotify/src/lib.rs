@@ -138,3 +138,8 @@ pub use interval::{
 pub use mm::{Mm, MmBuilder};
 pub use policy::Policy;
 pub use range::{Blockable, Event, Invalidation, Owner, Range};
+
+/// The README's example, compiled and run as a doctest so that it cannot rot.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -26,7 +26,6 @@ use crate::sync::{Condvar, Mutex, RwLock};
 /// Process-wide unique numbers for address spaces, subscribers and intervals. Not part of any
 /// protocol, so a plain `std` atomic even under loom.
 fn next_id() -> u64 {
-    #[expect(clippy::disallowed_types, reason = "id allocation takes part in no protocol")]
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }

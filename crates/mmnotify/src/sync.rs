@@ -14,6 +14,9 @@
 //!
 //! [loom]: https://docs.rs/loom
 
+// The one place that names the backend lock types.
+#![allow(clippy::disallowed_types)]
+
 #[cfg(loom)]
 use loom::sync as backend;
 #[cfg(not(loom))]
@@ -28,6 +31,7 @@ pub(crate) use loom::thread_local;
 pub(crate) use std::thread_local;
 
 use std::sync::PoisonError;
+
 use std::time::Duration;
 
 /// A mutex whose `lock` cannot fail: poisoning is ignored (see the module docs).
