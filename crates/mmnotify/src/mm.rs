@@ -182,25 +182,34 @@ impl MmInner {
         Arc::clone(&self.snapshot.read())
     }
 
-    /// Installs `next` as the current snapshot. Called with the registry lock held.
-    fn publish(&self, next: Snapshot) {
+    /// Installs `next` as the current snapshot, handing the old one to `retired`. Called
+    /// with the registry lock held.
+    fn publish(&self, next: Snapshot, retired: &mut Retired) {
         let non_empty = next.len() > 0;
-        *self.snapshot.write() = Arc::new(next);
+        let old = std::mem::replace(&mut *self.snapshot.write(), Arc::new(next));
+        retired.0.push(old);
         self.has_classic.store(non_empty, Ordering::Release);
     }
 
     /// Removes `id` from the current snapshot, if present. Called with the registry lock held.
-    fn unlink(&self, id: SubscriberId) -> bool {
+    fn unlink(&self, id: SubscriberId, retired: &mut Retired) -> bool {
         let current = self.current();
         let Some(index) = current.position(id) else {
             return false;
         };
         self.frees.add();
         current.subs[index].set_unlinked(Arc::clone(&self.frees) as Arc<dyn FreeNotify>);
-        self.publish(current.without(index));
+        self.publish(current.without(index), retired);
         true
     }
 }
+
+/// Snapshots replaced under the registry lock, dropped only after it is released: dropping one
+/// may free a registration, and `free` is user code that may call `put`.
+///
+/// Declare it *before* taking the registry lock, so that it drops after the lock guard.
+#[derive(Default)]
+struct Retired(Vec<Arc<Snapshot>>);
 
 impl Default for Mm {
     fn default() -> Self {
@@ -264,6 +273,7 @@ impl Mm {
             return Err(Error::CapabilityConflict);
         }
         context::may_block(self.inner.id, op)?;
+        let mut retired = Retired::default();
         let id = {
             let mut registry = self.inner.registry.lock();
             if registry.released {
@@ -292,9 +302,10 @@ impl Mm {
                 registry.shared.insert(key, (id, 1));
             }
             let reg = Arc::new(Registration::new(id, subscriber, caps, key));
-            self.inner.publish(current.with(reg));
+            self.inner.publish(current.with(reg), &mut retired);
             id
         };
+        drop(retired);
         tracing::debug!(target: "mmnotify", mm = self.inner.id, subscriber = id.0, ?caps, "registered");
         self.inner.srcu.synchronize();
         Ok(id)
@@ -332,11 +343,13 @@ impl Mm {
             let _cb = Scope::enter(self.inner.id, ScopeKind::Callback { nonblocking: false });
             reg.release();
         }
+        let mut retired = Retired::default();
         {
             let mut registry = self.inner.registry.lock();
-            self.inner.unlink(id);
+            self.inner.unlink(id, &mut retired);
             registry.unregistering.retain(|&u| u != id);
         }
+        drop(retired);
         drop(reg);
         self.inner.srcu.synchronize();
         tracing::debug!(target: "mmnotify", mm = self.inner.id, subscriber = id.0, "unregistered");
@@ -392,6 +405,7 @@ impl Mm {
     /// [`Error::NotRegistered`], or [`Error::NotShared`] for an id from
     /// [`register`](Self::register).
     pub fn put(&self, id: SubscriberId) -> Result<()> {
+        let mut retired = Retired::default();
         let mut registry = self.inner.registry.lock();
         let current = self.inner.current();
         let Some(index) = current.position(id) else {
@@ -407,7 +421,7 @@ impl Mm {
         entry.1 -= 1;
         if entry.1 == 0 {
             registry.shared.remove(&key);
-            self.inner.unlink(id);
+            self.inner.unlink(id, &mut retired);
             tracing::debug!(target: "mmnotify", mm = self.inner.id, subscriber = id.0, "put to zero; unlinked");
         }
         Ok(())
@@ -479,13 +493,15 @@ impl Mm {
             let _cb = Scope::enter(self.inner.id, ScopeKind::Callback { nonblocking: false });
             reg.release();
         }
+        let mut retired = Retired::default();
         {
             let mut registry = self.inner.registry.lock();
             for reg in snapshot.subs.iter() {
-                self.inner.unlink(reg.id);
+                self.inner.unlink(reg.id, &mut retired);
             }
             registry.shared.clear();
         }
+        drop(retired);
         drop(snapshot);
         self.inner.srcu.synchronize();
         tracing::debug!(target: "mmnotify", mm = self.inner.id, "released");

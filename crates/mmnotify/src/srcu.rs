@@ -86,13 +86,14 @@ impl Srcu {
     /// Enters a read section. Never blocks.
     pub(crate) fn read_lock(&self) -> SrcuReadGuard<'_> {
         loop {
-            let i = self.index.load(Ordering::Relaxed);
-            // Acquire: pairs with the Release of the writer's publication being visible to
-            // the read section (together with the fence below).
-            self.readers[i].fetch_add(1, Ordering::Acquire);
+            // Acquire: pairs with the Release flip in `synchronize`. A reader that sees a flipped
+            // index sees everything the writer published before flipping, even when its fence
+            // comes first in the SeqCst order (then the writer does not wait for it).
+            let i = self.index.load(Ordering::Acquire);
+            self.readers[i].fetch_add(1, Ordering::Relaxed);
             // Pairs with the fence in `synchronize`: see the module docs.
             fence(Ordering::SeqCst);
-            if self.index.load(Ordering::Relaxed) == i {
+            if self.index.load(Ordering::Acquire) == i {
                 // INVARIANT: readers[i] was incremented for exactly this guard.
                 return SrcuReadGuard {
                     srcu: self,
@@ -125,7 +126,8 @@ impl Srcu {
     pub(crate) fn synchronize(&self) {
         let _gp = self.gp.lock();
         let old = self.index.load(Ordering::Relaxed);
-        self.index.store(1 - old, Ordering::Relaxed);
+        // Release: pairs with the Acquire loads of the index in `read_lock`.
+        self.index.store(1 - old, Ordering::Release);
         self.waiters.fetch_add(1, Ordering::Relaxed);
         // Pairs with the fence in `read_lock` (flip vs. increment) and with the one in
         // `read_unlock` (announcement vs. last decrement).
