@@ -11,6 +11,68 @@
 //!
 //! Entries are visited in ascending `start` order, entries with equal `start` in insertion
 //! order; the engine calls interval callbacks in that order, which keeps runs reproducible.
+//!
+//! # The three implementations
+//!
+//! * [`LinearIndex`]: a sorted vector scanned in full. Obviously right, O(n) per query; the
+//!   reference every other implementation is tested against.
+//! * [`AugmentedTree`]: the index the engine uses (`DefaultIndex`). Described below.
+//! * [`IsetIndex`]: the same contract on top of the third-party `iset` crate. Its queries
+//!   allocate (the crate's iterators keep a heap-allocated stack), so it is not fit for the
+//!   fast path; it is kept as an independent second opinion in the tests and as a baseline for
+//!   benchmarks.
+//!
+//! # How `AugmentedTree` works
+//!
+//! **Ordering.** Every entry gets a sequence number when it is inserted, from a counter that
+//! only grows. The tree is a binary search tree ordered by the pair `(start, sequence)`. The
+//! pair is unique even when the same interval is inserted many times, so duplicates need no
+//! special case, and an in-order walk yields exactly the order the trait promises: ascending
+//! `start`, and among equal starts, oldest first.
+//!
+//! **Balance.** The tree is an AVL tree: every node records the height of its subtree, and
+//! after each insert or delete the nodes on the way back up are re-balanced by one or two
+//! rotations whenever the heights of their two children differ by more than one. That keeps
+//! the height below about `1.44 * log2(n + 2)`, which is what makes recursion on the call
+//! stack acceptable: a tree of four billion entries is under 50 levels deep.
+//!
+//! **Augmentation.** Every node also records `max_last`, the largest `last` found anywhere in
+//! its subtree. Rotations and deletions only rearrange a node's children, so `max_last` (like
+//! `height`) is recomputed from the node's own `last` and its two children whenever a node's
+//! children change, bottom-up, at O(1) per node touched.
+//!
+//! **Queries.** An entry `[s, l]` overlaps the query `[qs, ql]` exactly when `s <= ql` and
+//! `l >= qs`. The walk uses one fact per side to skip whole subtrees:
+//!
+//! * if a subtree's `max_last < qs`, no entry in it reaches the query: skip it entirely;
+//! * if a node's `start > ql`, neither it nor anything to its right (all start later) can
+//!   overlap: stop after its left subtree.
+//!
+//! Everything else is walked in order, left subtree, node, right subtree, so the visits come
+//! out sorted. The walk recurses into left children and loops down right children; it keeps
+//! no state but the call stack and never allocates.
+//!
+//! **Cost.** Insert and remove are O(log n) (remove adds the number of entries sharing the
+//! removed entry's `start`, which it has to offer to `is_target` in order). A query with `k`
+//! hits touches the O(log n) nodes along the boundary `start = ql`, plus the nodes on the
+//! paths from the root to the hits and their children. When the hits are neighbours in
+//! `start` order (for example when the stored intervals do not nest, the usual case for
+//! subscriptions) those paths share all but O(k) nodes and a query costs O(log n + k). When
+//! hits are scattered among many long-lived non-hits, as with deeply nested intervals, the
+//! bound degrades towards O(k * log(n / k)), the usual bound for this kind of augmented tree;
+//! it is never worse than O(n).
+//!
+//! **Storage.** Nodes live in one `Vec` (an arena) and refer to each other by `u32` index,
+//! which keeps the code free of `unsafe` and of reference-counted pointers. A removed node's
+//! slot goes onto a free list threaded through the vacated slots and is reused by the next
+//! insert, so a stable population of subscriptions does not grow the vector. The vector never
+//! shrinks; its size is the historical maximum of live entries.
+//!
+//! **Edges.** Bounds are plain `u64` with `last` inclusive, so `[x, u64::MAX]` needs no `+ 1`
+//! anywhere: all comparisons above are between inclusive bounds.
+
+use std::cmp::Ordering;
+use std::fmt;
 
 /// A multiset of inclusive intervals `[start, last]`, each carrying a value.
 pub trait IntervalIndex<V>: Default + Send {
@@ -89,4 +151,575 @@ impl<V: Send> IntervalIndex<V> for LinearIndex<V> {
 }
 
 /// The index the engine uses.
-pub(crate) type DefaultIndex<V> = LinearIndex<V>;
+pub(crate) type DefaultIndex<V> = AugmentedTree<V>;
+
+/// "No node": the empty child, the empty tree, the end of the free list.
+const NIL: u32 = u32::MAX;
+
+/// One live entry of an [`AugmentedTree`].
+#[derive(Debug)]
+struct Node<V> {
+    start: u64,
+    last: u64,
+    /// Insertion sequence number; `(start, seq)` is the search key.
+    seq: u64,
+    /// The largest `last` in the subtree rooted here (this node included).
+    max_last: u64,
+    left: u32,
+    right: u32,
+    /// Height of the subtree rooted here; a leaf has height 1.
+    height: u8,
+    value: V,
+}
+
+impl<V> Node<V> {
+    fn key(&self) -> (u64, u64) {
+        (self.start, self.seq)
+    }
+}
+
+/// An arena slot: a live node, or a link in the free list.
+#[derive(Debug)]
+enum Slot<V> {
+    Used(Node<V>),
+    Free { next: u32 },
+}
+
+/// A balanced interval tree: an AVL tree keyed by `(start, insertion sequence)`, each node
+/// augmented with the largest `last` of its subtree. The index the engine uses.
+///
+/// Insert and remove are O(log n); a query visits its hits in the order the trait requires
+/// without allocating, in O(log n + k) when the hits are neighbours in `start` order (see the
+/// [module documentation](self) for the algorithm and the exact cost).
+///
+/// Nodes live in an arena `Vec` linked by `u32` indices, so the tree holds at most
+/// `u32::MAX - 1` entries at once; inserting past that panics.
+///
+/// # Invariants
+///
+/// Checked by [`AugmentedTree::assert_invariants`] after every step of the property tests:
+///
+/// 1. *Search order.* An in-order walk from `root` yields strictly increasing keys
+///    `(start, seq)`.
+/// 2. *Unique, growing sequence numbers.* Every live node's `seq` is below `next_seq`; no two
+///    live nodes share one. Hence equal starts are ordered oldest first.
+/// 3. *AVL balance.* Every node's `height` is one more than the larger of its children's
+///    heights (an empty child counts 0), and the two children's heights differ by at most 1.
+/// 4. *Augmentation.* Every node's `max_last` is the maximum of its own `last` and its
+///    children's `max_last`.
+/// 5. *Well-formed entries.* `start <= last` for every node.
+/// 6. *Arena accounting.* Every slot is either reachable from `root` exactly once (`Used`)
+///    or on the free list exactly once (`Free`); `len` is the number of `Used` slots.
+pub struct AugmentedTree<V> {
+    slots: Vec<Slot<V>>,
+    /// Head of the free list, or `NIL`.
+    free: u32,
+    root: u32,
+    len: usize,
+    next_seq: u64,
+}
+
+impl<V: fmt::Debug> fmt::Debug for AugmentedTree<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Entries<'a, V>(&'a AugmentedTree<V>);
+        impl<V: fmt::Debug> fmt::Debug for Entries<'_, V> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let mut list = f.debug_list();
+                self.0.walk_in_order(self.0.root, &mut |n| {
+                    list.entry(&(n.start..=n.last, &n.value));
+                });
+                list.finish()
+            }
+        }
+        f.debug_struct("AugmentedTree")
+            .field("len", &self.len)
+            .field("height", &self.height())
+            .field("entries", &Entries(self))
+            .finish()
+    }
+}
+
+impl<V> Default for AugmentedTree<V> {
+    fn default() -> Self {
+        AugmentedTree {
+            slots: Vec::new(),
+            free: NIL,
+            root: NIL,
+            len: 0,
+            next_seq: 0,
+        }
+    }
+}
+
+impl<V> AugmentedTree<V> {
+    /// An empty tree.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The height of the tree: 0 when empty, 1 for a single entry. An AVL tree of `n` entries
+    /// is never taller than about `1.44 * log2(n + 2)`.
+    pub fn height(&self) -> usize {
+        usize::from(self.height_of(self.root))
+    }
+
+    /// Checks every invariant listed on the type, panicking with a description of the first
+    /// violation. O(n); meant for tests.
+    pub fn assert_invariants(&self) {
+        let mut prev: Option<(u64, u64)> = None;
+        let mut seen = 0usize;
+        self.check_subtree(self.root, &mut prev, &mut seen);
+        assert_eq!(seen, self.len, "len does not match the reachable nodes");
+        let mut free = 0usize;
+        let mut at = self.free;
+        while at != NIL {
+            match &self.slots[at as usize] {
+                Slot::Free { next } => at = *next,
+                Slot::Used(_) => panic!("slot {at} is on the free list but in use"),
+            }
+            free += 1;
+            assert!(free <= self.slots.len(), "the free list has a cycle");
+        }
+        assert_eq!(
+            seen + free,
+            self.slots.len(),
+            "some slot is neither reachable nor free"
+        );
+    }
+
+    /// Returns `(height, max_last)` of the subtree, checking it on the way.
+    fn check_subtree(&self, t: u32, prev: &mut Option<(u64, u64)>, seen: &mut usize) -> (u8, u64) {
+        if t == NIL {
+            return (0, 0);
+        }
+        let n = self.node(t);
+        assert!(n.start <= n.last, "entry {t} has start > last");
+        assert!(
+            n.seq < self.next_seq,
+            "entry {t} has a future sequence number"
+        );
+        let (lh, lmax) = self.check_subtree(n.left, prev, seen);
+        if let Some(p) = *prev {
+            assert!(p < n.key(), "keys out of order: {p:?} before {:?}", n.key());
+        }
+        *prev = Some(n.key());
+        *seen += 1;
+        assert!(
+            *seen <= self.len,
+            "more reachable nodes than len (a cycle?)"
+        );
+        let (rh, rmax) = self.check_subtree(n.right, prev, seen);
+        assert!(
+            lh.abs_diff(rh) <= 1,
+            "node {t} is out of balance: {lh} vs {rh}"
+        );
+        assert_eq!(n.height, 1 + lh.max(rh), "node {t} has a stale height");
+        let mut max = n.last;
+        if n.left != NIL {
+            max = max.max(lmax);
+        }
+        if n.right != NIL {
+            max = max.max(rmax);
+        }
+        assert_eq!(n.max_last, max, "node {t} has a stale max_last");
+        (n.height, n.max_last)
+    }
+
+    fn walk_in_order(&self, t: u32, f: &mut dyn FnMut(&Node<V>)) {
+        if t != NIL {
+            let n = self.node(t);
+            self.walk_in_order(n.left, f);
+            f(n);
+            self.walk_in_order(n.right, f);
+        }
+    }
+
+    fn node(&self, t: u32) -> &Node<V> {
+        match &self.slots[t as usize] {
+            Slot::Used(n) => n,
+            Slot::Free { .. } => unreachable!("a free slot is linked into the tree"),
+        }
+    }
+
+    fn node_mut(&mut self, t: u32) -> &mut Node<V> {
+        match &mut self.slots[t as usize] {
+            Slot::Used(n) => n,
+            Slot::Free { .. } => unreachable!("a free slot is linked into the tree"),
+        }
+    }
+
+    fn height_of(&self, t: u32) -> u8 {
+        if t == NIL {
+            0
+        } else {
+            self.node(t).height
+        }
+    }
+
+    /// Recomputes `height` and `max_last` of `t` from its children.
+    fn update(&mut self, t: u32) {
+        let (l, r) = {
+            let n = self.node(t);
+            (n.left, n.right)
+        };
+        let mut height = 0;
+        let mut max_last = self.node(t).last;
+        for c in [l, r] {
+            if c != NIL {
+                let c = self.node(c);
+                height = height.max(c.height);
+                max_last = max_last.max(c.max_last);
+            }
+        }
+        let n = self.node_mut(t);
+        n.height = height + 1;
+        n.max_last = max_last;
+    }
+
+    /// Lifts the left child of `t` above it; returns the new subtree root.
+    fn rotate_right(&mut self, t: u32) -> u32 {
+        let l = self.node(t).left;
+        let moved = self.node(l).right;
+        self.node_mut(t).left = moved;
+        self.update(t);
+        self.node_mut(l).right = t;
+        self.update(l);
+        l
+    }
+
+    /// Lifts the right child of `t` above it; returns the new subtree root.
+    fn rotate_left(&mut self, t: u32) -> u32 {
+        let r = self.node(t).right;
+        let moved = self.node(r).left;
+        self.node_mut(t).right = moved;
+        self.update(t);
+        self.node_mut(r).left = t;
+        self.update(r);
+        r
+    }
+
+    /// Restores balance at `t`, whose children are balanced and differ in height by at most
+    /// two; refreshes its augmentation either way. Returns the new subtree root.
+    fn rebalance(&mut self, t: u32) -> u32 {
+        self.update(t);
+        let (l, r) = {
+            let n = self.node(t);
+            (n.left, n.right)
+        };
+        let (lh, rh) = (self.height_of(l), self.height_of(r));
+        if lh > rh + 1 {
+            let ll = self.height_of(self.node(l).left);
+            let lr = self.height_of(self.node(l).right);
+            if lr > ll {
+                let new_l = self.rotate_left(l);
+                self.node_mut(t).left = new_l;
+            }
+            self.rotate_right(t)
+        } else if rh > lh + 1 {
+            let rl = self.height_of(self.node(r).left);
+            let rr = self.height_of(self.node(r).right);
+            if rl > rr {
+                let new_r = self.rotate_right(r);
+                self.node_mut(t).right = new_r;
+            }
+            self.rotate_left(t)
+        } else {
+            t
+        }
+    }
+
+    /// Puts `node` into a slot, reusing a free one if there is one.
+    fn alloc(&mut self, node: Node<V>) -> u32 {
+        if self.free != NIL {
+            let at = self.free;
+            let slot = std::mem::replace(&mut self.slots[at as usize], Slot::Used(node));
+            match slot {
+                Slot::Free { next } => self.free = next,
+                Slot::Used(_) => unreachable!("the free list points at a used slot"),
+            }
+            at
+        } else {
+            let at = u32::try_from(self.slots.len())
+                .ok()
+                .filter(|&at| at != NIL)
+                .expect("AugmentedTree holds at most u32::MAX - 1 entries");
+            self.slots.push(Slot::Used(node));
+            at
+        }
+    }
+
+    /// Returns slot `t` to the free list and hands back its value.
+    fn release(&mut self, t: u32) -> V {
+        let slot = std::mem::replace(&mut self.slots[t as usize], Slot::Free { next: self.free });
+        self.free = t;
+        match slot {
+            Slot::Used(n) => n.value,
+            Slot::Free { .. } => unreachable!("released a free slot"),
+        }
+    }
+
+    /// Inserts the detached node `new` into the subtree `t`; returns the new subtree root.
+    fn insert_into(&mut self, t: u32, new: u32) -> u32 {
+        if t == NIL {
+            return new;
+        }
+        if self.node(new).key() < self.node(t).key() {
+            let l = self.insert_into(self.node(t).left, new);
+            self.node_mut(t).left = l;
+        } else {
+            let r = self.insert_into(self.node(t).right, new);
+            self.node_mut(t).right = r;
+        }
+        self.rebalance(t)
+    }
+
+    /// The first node (in key order) of subtree `t` with bounds `[start, last]` whose value
+    /// `is_target` accepts; `is_target` sees the candidates in key order.
+    fn find_target(
+        &self,
+        t: u32,
+        start: u64,
+        last: u64,
+        is_target: &mut dyn FnMut(&V) -> bool,
+    ) -> Option<u32> {
+        if t == NIL {
+            return None;
+        }
+        let n = self.node(t);
+        if n.max_last < last {
+            return None;
+        }
+        match start.cmp(&n.start) {
+            Ordering::Less => self.find_target(n.left, start, last, is_target),
+            Ordering::Greater => self.find_target(n.right, start, last, is_target),
+            Ordering::Equal => {
+                if let Some(found) = self.find_target(n.left, start, last, is_target) {
+                    return Some(found);
+                }
+                if n.last == last && is_target(&n.value) {
+                    return Some(t);
+                }
+                self.find_target(n.right, start, last, is_target)
+            }
+        }
+    }
+
+    /// Unlinks the node with `key` from subtree `t` (it must be there); returns the new
+    /// subtree root. The unlinked node's slot is left as it is.
+    fn unlink(&mut self, t: u32, key: (u64, u64)) -> u32 {
+        assert!(t != NIL, "unlink: key not in the tree");
+        let (l, r) = {
+            let n = self.node(t);
+            (n.left, n.right)
+        };
+        match key.cmp(&self.node(t).key()) {
+            Ordering::Less => {
+                let l = self.unlink(l, key);
+                self.node_mut(t).left = l;
+                self.rebalance(t)
+            }
+            Ordering::Greater => {
+                let r = self.unlink(r, key);
+                self.node_mut(t).right = r;
+                self.rebalance(t)
+            }
+            Ordering::Equal => {
+                if l == NIL {
+                    return r;
+                }
+                if r == NIL {
+                    return l;
+                }
+                // Two children: the successor (leftmost of the right subtree) takes t's place.
+                let (r, succ) = self.unlink_min(r);
+                let s = self.node_mut(succ);
+                s.left = l;
+                s.right = r;
+                self.rebalance(succ)
+            }
+        }
+    }
+
+    /// Unlinks the leftmost node of the non-empty subtree `t`; returns the new subtree root
+    /// and the unlinked node.
+    fn unlink_min(&mut self, t: u32) -> (u32, u32) {
+        let l = self.node(t).left;
+        if l == NIL {
+            return (self.node(t).right, t);
+        }
+        let (l, min) = self.unlink_min(l);
+        self.node_mut(t).left = l;
+        (self.rebalance(t), min)
+    }
+
+    /// Visits the overlaps of `[qs, ql]` in subtree `t`, in key order.
+    fn visit_overlaps(&self, mut t: u32, qs: u64, ql: u64, visit: &mut dyn FnMut(&V)) {
+        while t != NIL {
+            let n = self.node(t);
+            if n.max_last < qs {
+                return;
+            }
+            self.visit_overlaps(n.left, qs, ql, visit);
+            if n.start > ql {
+                return;
+            }
+            if n.last >= qs {
+                visit(&n.value);
+            }
+            t = n.right;
+        }
+    }
+}
+
+impl<V: Send> IntervalIndex<V> for AugmentedTree<V> {
+    fn insert(&mut self, start: u64, last: u64, value: V) {
+        debug_assert!(start <= last);
+        let seq = self.next_seq;
+        self.next_seq = seq.checked_add(1).expect("sequence numbers exhausted");
+        let new = self.alloc(Node {
+            start,
+            last,
+            seq,
+            max_last: last,
+            left: NIL,
+            right: NIL,
+            height: 1,
+            value,
+        });
+        self.root = self.insert_into(self.root, new);
+        self.len += 1;
+    }
+
+    fn remove(
+        &mut self,
+        start: u64,
+        last: u64,
+        is_target: &mut dyn FnMut(&V) -> bool,
+    ) -> Option<V> {
+        let found = self.find_target(self.root, start, last, is_target)?;
+        let key = self.node(found).key();
+        self.root = self.unlink(self.root, key);
+        self.len -= 1;
+        Some(self.release(found))
+    }
+
+    fn for_each_overlap(&self, start: u64, last: u64, visit: &mut dyn FnMut(&V)) {
+        self.visit_overlaps(self.root, start, last, visit);
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// Bits of an [`IsetIndex`] key below the address: room for the sequence number.
+const ISET_SEQ_BITS: u32 = 63;
+
+/// The [`IntervalIndex`] contract on top of the `iset` crate's `IntervalMap`.
+///
+/// **Not for the fast path: queries allocate.** `iset`'s query iterators keep their traversal
+/// stack in a heap-allocated bit vector, so every [`for_each_overlap`](IntervalIndex::for_each_overlap)
+/// allocates once, which the engine's no-allocation rule (I8) forbids. The type exists as an
+/// independent, third-party implementation that [`AugmentedTree`] is cross-checked against,
+/// and as a baseline for benchmarks.
+///
+/// Apart from that it meets the whole contract, ordering included. `iset` stores half-open
+/// ranges and orders equal starts by end, not by age, so the index does not give it the
+/// address bounds directly. It maps address `a` and sequence number `s` to the `u128` key
+/// `a * 2^63 + s`, and stores `[start, last]` inserted `s`-th as the range
+/// `key(start, s) .. key(last + 1, 0)`. Then:
+///
+/// * `last = u64::MAX` needs no special case (`2^64 * 2^63 = 2^127` fits a `u128`);
+/// * two keys compare as `(address, sequence)` pairs, so `iset`'s range order is the
+///   contract's order and every range is distinct (no `force_insert` duplicates to break ties
+///   arbitrarily);
+/// * a stored range meets the query range `key(qs, 0) .. key(ql + 1, 0)` exactly when the
+///   address intervals overlap.
+///
+/// Removal offers the candidates to `is_target` in the same order as the other indexes, but
+/// finds them by an overlap query, so it costs O(log n + entries overlapping `[start, last]`).
+/// At most `2^63` inserts over the index's lifetime and `u32::MAX - 1` live entries.
+pub struct IsetIndex<V> {
+    map: iset::IntervalMap<u128, V>,
+    next_seq: u64,
+}
+
+impl<V: fmt::Debug> fmt::Debug for IsetIndex<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IsetIndex")
+            .field("len", &self.map.len())
+            .field("next_seq", &self.next_seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<V> Default for IsetIndex<V> {
+    fn default() -> Self {
+        IsetIndex {
+            map: iset::IntervalMap::default(),
+            next_seq: 0,
+        }
+    }
+}
+
+impl<V> IsetIndex<V> {
+    /// An empty index.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn key(addr: u64, seq: u64) -> u128 {
+        (u128::from(addr) << ISET_SEQ_BITS) | u128::from(seq)
+    }
+
+    /// The exclusive end key of an interval whose inclusive last address is `last`.
+    fn end_key(last: u64) -> u128 {
+        (u128::from(last) + 1) << ISET_SEQ_BITS
+    }
+}
+
+impl<V: Send> IntervalIndex<V> for IsetIndex<V> {
+    fn insert(&mut self, start: u64, last: u64, value: V) {
+        debug_assert!(start <= last);
+        let seq = self.next_seq;
+        assert!(seq < 1 << ISET_SEQ_BITS, "sequence numbers exhausted");
+        self.next_seq += 1;
+        self.map
+            .force_insert(Self::key(start, seq)..Self::end_key(last), value);
+    }
+
+    fn remove(
+        &mut self,
+        start: u64,
+        last: u64,
+        is_target: &mut dyn FnMut(&V) -> bool,
+    ) -> Option<V> {
+        let lowest = Self::key(start, 0);
+        let end = Self::end_key(last);
+        let mut found = None;
+        for (range, value) in self.map.iter(lowest..end) {
+            if range.start >> ISET_SEQ_BITS > u128::from(start) {
+                break;
+            }
+            if range.start >= lowest && range.end == end && is_target(value) {
+                found = Some(range);
+                break;
+            }
+        }
+        self.map.remove(found?)
+    }
+
+    fn for_each_overlap(&self, start: u64, last: u64, visit: &mut dyn FnMut(&V)) {
+        if start > last {
+            // `iset` panics on an empty query range.
+            return;
+        }
+        for value in self.map.values(Self::key(start, 0)..Self::end_key(last)) {
+            visit(value);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}

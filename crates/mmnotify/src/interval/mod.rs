@@ -5,7 +5,7 @@
 //! (Linux's `mmu_interval_notifier`). It has no start/end pair: it gets one
 //! [`IntervalSubscriber::invalidate`] call per invalidation that overlaps it, before any
 //! classic start, and keeps new mappings out until the invalidation is over through the
-//! sequence protocol of [`seq`](self::seq) rather than through an end callback:
+//! sequence protocol of [`seq`] rather than through an end callback:
 //!
 //! ```text
 //!   mirror fault path                         invalidate callback
@@ -21,7 +21,7 @@
 //!   }
 //! ```
 //!
-//! Module map: [`seq`](self::seq) holds the per-`Mm` state (sequence, active-range count,
+//! Module map: [`seq`] holds the per-`Mm` state (sequence, active-range count,
 //! deferred queue) and its proofs; [`index`] the overlap index.
 
 pub mod index;
