@@ -12,9 +12,15 @@
 //! ```text
 //!  register / get_or_register          unregister / put-to-zero / Mm::release
 //!  ─────────────► Linked ─── release once ──► Released ── unlink ──► Unlinked ── last ref ──► freed
-//!                   │ receives starts,            no new starts;          no callback can     `free` runs
-//!                   │ ends, young, tlb            owed ends still come    start any more      exactly once
+//!                   │ receives starts,          invalidations that      no callback can     `free` runs
+//!                   │ ends, young, tlb          begin now skip it;      start any more      exactly once
+//!                   │ (also while release runs) ones under way finish
 //! ```
+//!
+//! The subscriber stays linked and fully served *while* its `release` runs, as in Linux: a
+//! change that happens during the release is still announced, so the mirror is never stale.
+//! The price is that an invalidation that began before the release returned may deliver its
+//! start (and end) after it; `unregister` and `Mm::release` wait for those before returning.
 //!
 //! `put` to zero skips the release step (as in Linux: the user drops its mirror itself before
 //! putting). `free` runs when the engine drops its last reference to the registration, which
@@ -144,8 +150,12 @@ pub trait Subscriber: Send + Sync + 'static {
     ///
     /// # When
     /// Exactly once per registration, from [`Mm::release`](crate::Mm::release) (process exit)
-    /// or [`Mm::unregister`], whichever comes first; never after `put` to zero. No start is
-    /// delivered after it; ends owed for starts it already accepted still are.
+    /// or [`Mm::unregister`], whichever comes first; never after `put` to zero. The
+    /// subscriber stays fully subscribed while `release` runs, so no invalidation is missed
+    /// before its mirror is gone. Invalidations that begin after `release` returned skip it;
+    /// one that was already under way may still deliver its start and end afterwards (Linux
+    /// gives no stronger promise). When `Mm::release` or `Mm::unregister` returns, nothing
+    /// more is delivered.
     ///
     /// # Context
     /// May sleep. May run concurrently with other callbacks of this subscriber.
@@ -295,15 +305,15 @@ pub(crate) trait FreeNotify: Send + Sync + fmt::Debug {
 /// # Invariants
 ///
 /// * `caps` is not contradictory (checked before construction).
-/// * `released` is set, under `release_once`, exactly when `release` has returned; `releasing`
-///   is set before `release` is called and never cleared.
+/// * `released` is set, under `release_once`, exactly when `release` has returned; so is
+///   `released_flag`, which is never cleared.
 pub(crate) struct Registration {
     pub(crate) id: SubscriberId,
     pub(crate) subscriber: Arc<dyn Subscriber>,
     pub(crate) caps: Capabilities,
     /// `Some` for registrations made by `get_or_register`.
     pub(crate) key: Option<TypeId>,
-    releasing: AtomicBool,
+    released_flag: AtomicBool,
     release_once: Mutex<bool>,
     pub(crate) stats: StatCounters,
     /// Set when unlinked; the `Mm` then counts this registration as a pending free.
@@ -332,18 +342,19 @@ impl Registration {
             subscriber,
             caps,
             key,
-            releasing: AtomicBool::new(false),
+            released_flag: AtomicBool::new(false),
             release_once: Mutex::new(false),
             stats: StatCounters::default(),
             on_free: Mutex::new(None),
         }
     }
 
-    /// Whether new starts (and young/tlb walks) must skip this registration.
-    pub(crate) fn is_releasing(&self) -> bool {
+    /// Whether new starts (and young/tlb walks) must skip this registration: its `release`
+    /// has returned.
+    pub(crate) fn is_released(&self) -> bool {
         // Acquire: pairs with the Release store in `release`; a start that sees the flag also
-        // sees everything the releaser did before deciding to release.
-        self.releasing.load(Ordering::Acquire)
+        // sees everything the release callback did.
+        self.released_flag.load(Ordering::Acquire)
     }
 
     /// Calls `release` unless it already ran; returns after it has run, by us or by a
@@ -357,8 +368,10 @@ impl Registration {
         if *released {
             return;
         }
-        self.releasing.store(true, Ordering::Release);
+        // The flag is raised only after the callback: until the mirror is gone, every change
+        // must still reach it.
         self.subscriber.release();
+        self.released_flag.store(true, Ordering::Release);
         StatCounters::bump(&self.stats.releases);
         *released = true;
     }

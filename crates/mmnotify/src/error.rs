@@ -35,7 +35,9 @@ pub enum Error {
         end: u64,
     },
     /// `start + len` does not fit in the 64-bit address space.
-    #[error("the range of {len:#x} bytes at {start:#x} runs past the end of the 64-bit address space")]
+    #[error(
+        "the range of {len:#x} bytes at {start:#x} runs past the end of the 64-bit address space"
+    )]
     RangeOverflow {
         /// The given start.
         start: u64,
@@ -55,7 +57,9 @@ pub enum Error {
         existing: SubscriberId,
     },
     /// The subscriber is not (or no longer) registered on this address space.
-    #[error("{id} is not registered on this address space (never was, or was already unregistered)")]
+    #[error(
+        "{id} is not registered on this address space (never was, or was already unregistered)"
+    )]
     NotRegistered {
         /// The unknown subscriber.
         id: SubscriberId,
@@ -80,7 +84,9 @@ pub enum Error {
         id: SubscriberId,
     },
     /// The address space was released (its process exited); nothing can subscribe to it.
-    #[error("the address space was released (its process exited); nothing can subscribe to it any more")]
+    #[error(
+        "the address space was released (its process exited); nothing can subscribe to it any more"
+    )]
     Released,
     /// The interval is not (or no longer) inserted on this address space.
     #[error("{id} is not inserted on this address space (never was, or was already removed)")]
@@ -90,7 +96,10 @@ pub enum Error {
     },
     /// A non-blocking invalidation start was refused; what had started was ended again and
     /// nothing in the range may change. Retry later.
-    #[error("the non-blocking invalidation of {range} was refused by {}", Refusers(refusers))]
+    #[error(
+        "the non-blocking invalidation of {range} was refused by {}",
+        Refusers(refusers)
+    )]
     StartRefused {
         /// The range that must not change now.
         range: Range,

@@ -37,7 +37,7 @@ use crate::classic::Refused;
 use crate::context::{Scope, ScopeKind};
 use crate::error::{Error, Refuser, Result};
 use crate::interval::seq::Hits;
-use crate::interval::{Invalidate, IntervalCtx};
+use crate::interval::{IntervalCtx, Invalidate};
 use crate::mm::MmInner;
 use crate::policy::{BlockableRefusal, Policy};
 use crate::range::{Blockable, Event, Invalidation, Range};
@@ -128,7 +128,11 @@ impl<'mm> InvalidateGuard<'mm> {
 
     /// A blockable invalidation that only the interval subscribers see (the release at
     /// teardown).
-    pub(crate) fn start_intervals_only(mm: &'mm MmInner, range: Range, event: Event) -> Result<Self> {
+    pub(crate) fn start_intervals_only(
+        mm: &'mm MmInner,
+        range: Range,
+        event: Event,
+    ) -> Result<Self> {
         Self::start_with(mm, range, event, Blockable::Yes, false)
     }
 
@@ -221,7 +225,9 @@ impl<'mm> InvalidateGuard<'mm> {
             if wants_finish {
                 let ctx = IntervalCtx { node, cur_seq };
                 let _cb = Scope::enter(self.mm.id, ScopeKind::Callback { nonblocking });
-                catch(caught, || node.subscriber.invalidate_finish(&ctx, &self.inv));
+                catch(caught, || {
+                    node.subscriber.invalidate_finish(&ctx, &self.inv)
+                });
             }
         }
         match refuser {
@@ -238,7 +244,7 @@ impl<'mm> InvalidateGuard<'mm> {
         let mut refusers: Vec<Refuser> = Vec::new();
         let mut end_now_and_later = false;
         for (i, reg) in snapshot.subs.iter().enumerate() {
-            if reg.is_releasing() {
+            if reg.is_released() {
                 continue;
             }
             if !reg.caps.has_start() {
@@ -246,7 +252,12 @@ impl<'mm> InvalidateGuard<'mm> {
                 continue;
             }
             let result = {
-                let _cb = Scope::enter(self.mm.id, ScopeKind::Callback { nonblocking: !blockable });
+                let _cb = Scope::enter(
+                    self.mm.id,
+                    ScopeKind::Callback {
+                        nonblocking: !blockable,
+                    },
+                );
                 catch(caught, || reg.subscriber.invalidate_range_start(&self.inv))
             };
             match result {

@@ -133,7 +133,7 @@ pub use error::{BlockingOp, DeadlockCause, Error, Refuser, Result};
 pub use guard::InvalidateGuard;
 pub use interval::seq::IntervalState;
 pub use interval::{
-    Invalidate, IntervalCtx, IntervalHandle, IntervalId, IntervalSubscriber, ReadSeq,
+    IntervalCtx, IntervalHandle, IntervalId, IntervalSubscriber, Invalidate, ReadSeq,
 };
 pub use mm::{Mm, MmBuilder};
 pub use policy::Policy;

@@ -561,13 +561,17 @@ impl Mm {
         self.young_walk(|s| s.test_young(addr), true)
     }
 
-    fn young_walk(&self, mut call: impl FnMut(&dyn Subscriber) -> bool, stop_at_first: bool) -> bool {
+    fn young_walk(
+        &self,
+        mut call: impl FnMut(&dyn Subscriber) -> bool,
+        stop_at_first: bool,
+    ) -> bool {
         let _read = self.inner.srcu.read_lock();
         let Some(snapshot) = self.inner.classic_snapshot() else {
             return false;
         };
         let mut young = false;
-        for reg in snapshot.subs.iter().filter(|r| !r.is_releasing()) {
+        for reg in snapshot.subs.iter().filter(|r| !r.is_released()) {
             let _cb = Scope::enter(self.inner.id, ScopeKind::Callback { nonblocking: true });
             young |= call(reg.subscriber.as_ref());
             if young && stop_at_first {
@@ -587,7 +591,7 @@ impl Mm {
         for reg in snapshot
             .subs
             .iter()
-            .filter(|r| r.caps.has_secondary_tlb() && !r.is_releasing())
+            .filter(|r| r.caps.has_secondary_tlb() && !r.is_released())
         {
             let _cb = Scope::enter(self.inner.id, ScopeKind::Callback { nonblocking: true });
             reg.subscriber.arch_invalidate_secondary_tlbs(range);

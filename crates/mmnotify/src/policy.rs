@@ -111,6 +111,9 @@ mod tests {
     fn legacy_ends_nobody() {
         assert!(!Policy::Legacy.end_after_refusal(WITH_END, true));
         assert!(Policy::Legacy.continue_after_refusal());
-        assert_eq!(Policy::Legacy.blockable_refusal(), BlockableRefusal::Ignored);
+        assert_eq!(
+            Policy::Legacy.blockable_refusal(),
+            BlockableRefusal::Ignored
+        );
     }
 }

@@ -178,20 +178,20 @@ impl Itree {
         if state.active > 0 || !state.epoch_open() {
             return;
         }
-        state.seq += 1;
+        // Wrapping: the sequence is compared only for equality and parity, and
+        // `MmBuilder::initial_interval_seq` lets tests start it just below the wrap.
+        state.seq = state.seq.wrapping_add(1);
         let deferred = std::mem::take(&mut state.deferred);
         for node in deferred {
             match node.membership() {
                 Membership::PendingInsert => {
-                    state
-                        .index
-                        .insert(node.start, node.last, Arc::clone(&node));
+                    state.index.insert(node.start, node.last, Arc::clone(&node));
                     node.set_membership(Membership::InTree);
                 }
                 Membership::PendingRemove => {
-                    let removed = state.index.remove(node.start, node.last, &mut |n| {
-                        Arc::ptr_eq(n, &node)
-                    });
+                    let removed = state
+                        .index
+                        .remove(node.start, node.last, &mut |n| Arc::ptr_eq(n, &node));
                     debug_assert!(removed.is_some(), "a pending removal must be in the index");
                     node.set_membership(Membership::Removed);
                 }
@@ -213,18 +213,14 @@ impl Itree {
                 state.deferred.push(Arc::clone(node));
             } else {
                 state.seq |= 1;
-                state
-                    .index
-                    .insert(node.start, node.last, Arc::clone(node));
+                state.index.insert(node.start, node.last, Arc::clone(node));
                 node.set_membership(Membership::InTree);
             }
             node.seq.store(state.seq, Ordering::Relaxed);
         } else {
-            state
-                .index
-                .insert(node.start, node.last, Arc::clone(node));
+            state.index.insert(node.start, node.last, Arc::clone(node));
             node.set_membership(Membership::InTree);
-            node.seq.store(state.seq - 1, Ordering::Relaxed);
+            node.seq.store(state.seq.wrapping_sub(1), Ordering::Relaxed);
         }
     }
 
@@ -286,7 +282,12 @@ impl Itree {
     }
 
     #[cold]
-    fn read_begin_slow(&self, id: IntervalId, seq: u64, deadline: Option<Instant>) -> Result<ReadSeq> {
+    fn read_begin_slow(
+        &self,
+        id: IntervalId,
+        seq: u64,
+        deadline: Option<Instant>,
+    ) -> Result<ReadSeq> {
         context::may_block(self.mm_id, BlockingOp::ReadBegin)?;
         let began = Instant::now();
         let mut state = self.state.lock();

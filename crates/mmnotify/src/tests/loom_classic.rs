@@ -1,0 +1,439 @@
+//! Loom models of the classic-subscriber lifecycle (issue "Core engine I"): windows racing with
+//! `unregister`, refusals racing with `unregister`, `put` to zero racing with a running
+//! callback, and `Mm::release` racing with `unregister` and with a window.
+//!
+//! Every model runs the real engine (`Mm`, the guard, the per-`Mm` SRCU, the registry) on
+//! loom's locks and atomics; the subscribers record what they receive with loom atomics, so
+//! the records are part of the explored state.
+
+use std::sync::Arc;
+
+use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use loom::thread;
+
+use super::loom_util::{model, range, Seen};
+use crate::{Capabilities, Error, Event, Invalidation, Mm, Refused, Refuser, Subscriber};
+
+/// A classic subscriber that counts everything it receives.
+struct Tracked {
+    caps: Capabilities,
+    /// Refuses every start (the models only use this with non-blocking starts).
+    refuse: bool,
+    starts: AtomicUsize,
+    ends: AtomicUsize,
+    releases: AtomicUsize,
+    frees: AtomicUsize,
+    /// Callbacks (start or end) running right now.
+    in_callback: AtomicUsize,
+    /// Set by the model once an `unregister` of this subscriber returned: from then on no
+    /// callback may run (I12).
+    gone: AtomicBool,
+}
+
+impl Tracked {
+    fn new(caps: Capabilities, refuse: bool) -> Arc<Self> {
+        Arc::new(Tracked {
+            caps,
+            refuse,
+            starts: AtomicUsize::new(0),
+            ends: AtomicUsize::new(0),
+            releases: AtomicUsize::new(0),
+            frees: AtomicUsize::new(0),
+            in_callback: AtomicUsize::new(0),
+            gone: AtomicBool::new(false),
+        })
+    }
+
+    fn start_end() -> Arc<Self> {
+        Tracked::new(Capabilities::new().with_start().with_end(), false)
+    }
+
+    fn starts(&self) -> usize {
+        self.starts.load(SeqCst)
+    }
+
+    fn ends(&self) -> usize {
+        self.ends.load(SeqCst)
+    }
+
+    fn releases(&self) -> usize {
+        self.releases.load(SeqCst)
+    }
+
+    fn frees(&self) -> usize {
+        self.frees.load(SeqCst)
+    }
+}
+
+impl Subscriber for Tracked {
+    fn capabilities(&self) -> Capabilities {
+        self.caps
+    }
+
+    fn invalidate_range_start(&self, _: &Invalidation) -> Result<(), Refused> {
+        assert!(
+            !self.gone.load(SeqCst),
+            "a start reached a subscriber after its unregister returned (I12)"
+        );
+        if self.refuse {
+            return Err(Refused);
+        }
+        self.in_callback.fetch_add(1, SeqCst);
+        self.starts.fetch_add(1, SeqCst);
+        self.in_callback.fetch_sub(1, SeqCst);
+        Ok(())
+    }
+
+    fn invalidate_range_end(&self, _: &Invalidation) {
+        assert!(
+            !self.gone.load(SeqCst),
+            "an end was delivered after unregister returned (I12)"
+        );
+        self.in_callback.fetch_add(1, SeqCst);
+        let ends = self.ends.fetch_add(1, SeqCst) + 1;
+        assert!(
+            ends <= self.starts(),
+            "an end without a matching successful start (I4)"
+        );
+        self.in_callback.fetch_sub(1, SeqCst);
+    }
+
+    fn release(&self) {
+        self.releases.fetch_add(1, SeqCst);
+    }
+
+    fn free(&self) {
+        assert_eq!(
+            self.in_callback.load(SeqCst),
+            0,
+            "free ran while a callback of the subscriber was running (I14)"
+        );
+        self.frees.fetch_add(1, SeqCst);
+    }
+}
+
+/// I4, I12: a blockable `start..end` window on a two-subscriber `Mm` racing with the
+/// `unregister` of one of them. When `unregister` returns, every start it received has been
+/// ended and no callback runs any more; `release` ran exactly once; the other subscriber gets
+/// exactly one start and one end.
+#[test]
+fn loom_start_end_racing_unregister() {
+    let seen = Seen::new();
+    let record = seen.clone();
+    model(move || {
+        let mm = Mm::new();
+        let target = Tracked::start_end();
+        let other = Tracked::start_end();
+        let id = mm.register(target.clone()).unwrap();
+        mm.register(other.clone()).unwrap();
+
+        let window = {
+            let mm = mm.clone();
+            thread::spawn(move || {
+                let guard = mm
+                    .invalidate_start(range(0x1000, 0x2000), Event::Unmap)
+                    .unwrap();
+                guard.end();
+            })
+        };
+
+        mm.unregister(id).unwrap();
+        // I12: the end owed to a start that reached it was delivered before unregister
+        // returned, and release ran exactly once.
+        assert_eq!(
+            target.starts(),
+            target.ends(),
+            "unregister returned before the owed end"
+        );
+        assert_eq!(target.releases(), 1);
+        target.gone.store(true, SeqCst);
+
+        window.join().unwrap();
+        assert!(target.starts() <= 1);
+        assert_eq!(target.starts(), target.ends());
+        assert_eq!(target.releases(), 1);
+        assert_eq!((other.starts(), other.ends()), (1, 1));
+        mm.synchronize().unwrap();
+        assert_eq!(
+            target.frees(),
+            1,
+            "the unregistered subscriber is freed exactly once"
+        );
+        assert_eq!(other.frees(), 0);
+        record.record(if target.starts() == 1 {
+            "started"
+        } else {
+            "missed"
+        });
+    });
+    seen.assert_all(&["started", "missed"]);
+}
+
+/// I5 (with I4, I12, I21): three subscribers; the one at `refuser_at` declares `may_refuse`
+/// and an end and refuses a non-blocking start, while another one (`victim`) is unregistered
+/// concurrently. Under Exact: the refuser gets no end, the subscribers before it that started
+/// get exactly one end, those after it get no start, and the error names only the refuser.
+fn refusal_racing_unregister(refuser_at: usize, victim: usize) {
+    assert_ne!(refuser_at, victim);
+    let seen = Seen::new();
+    let record = seen.clone();
+    model(move || {
+        let mm = Mm::new();
+        let refusing_caps = Capabilities::new().with_start().with_end().may_refuse();
+        let subs: Vec<Arc<Tracked>> = (0..3)
+            .map(|i| {
+                if i == refuser_at {
+                    Tracked::new(refusing_caps, true)
+                } else {
+                    Tracked::start_end()
+                }
+            })
+            .collect();
+        let ids: Vec<_> = subs
+            .iter()
+            .map(|s| mm.register(s.clone()).unwrap())
+            .collect();
+        let refuser_id = ids[refuser_at];
+
+        let window = {
+            let mm = mm.clone();
+            thread::spawn(move || {
+                match mm.invalidate_start_nonblock(range(0x1000, 0x2000), Event::Unmap) {
+                    Err(Error::StartRefused { refusers, .. }) => {
+                        assert_eq!(
+                            refusers,
+                            vec![Refuser::Classic(refuser_id)],
+                            "I5: the error names the refuser"
+                        );
+                    }
+                    Err(other) => panic!("unexpected error {other:?}"),
+                    Ok(_) => panic!("a refused non-blocking start returned a guard (I5)"),
+                }
+            })
+        };
+
+        mm.unregister(ids[victim]).unwrap();
+        let victim_sub = &subs[victim];
+        assert_eq!(
+            victim_sub.starts(),
+            victim_sub.ends(),
+            "I12: owed end delivered before unregister returned"
+        );
+        victim_sub.gone.store(true, SeqCst);
+
+        window.join().unwrap();
+        let stats = mm.subscriber_stats(refuser_id).unwrap();
+        assert_eq!(
+            (stats.refusals, stats.ends, stats.violations),
+            (1, 0, 0),
+            "I5/I21: refuser counters"
+        );
+        for (i, sub) in subs.iter().enumerate() {
+            if i == refuser_at {
+                assert_eq!(
+                    (sub.starts(), sub.ends()),
+                    (0, 0),
+                    "I5: no end to the refuser"
+                );
+            } else if i > refuser_at {
+                assert_eq!(sub.starts(), 0, "I5: no classic start after the refusal");
+                assert_eq!(sub.ends(), 0);
+            } else {
+                assert_eq!(
+                    sub.starts(),
+                    sub.ends(),
+                    "I5: every started subscriber is ended exactly once"
+                );
+                if i != victim {
+                    assert_eq!(sub.starts(), 1);
+                }
+            }
+        }
+        record.record(if subs[victim].starts() == 1 {
+            "victim started"
+        } else {
+            "victim not started"
+        });
+    });
+    let mut expected = vec!["victim not started"];
+    if victim < refuser_at {
+        expected.push("victim started");
+    }
+    seen.assert_all(&expected);
+}
+
+/// I5: the refuser is the first of three subscribers (the unregistered one comes after it).
+#[test]
+fn loom_refusal_first_racing_unregister() {
+    refusal_racing_unregister(0, 1);
+}
+
+/// I5: the refuser is in the middle (the unregistered one was started before it).
+#[test]
+fn loom_refusal_middle_racing_unregister() {
+    refusal_racing_unregister(1, 0);
+}
+
+/// I5: the refuser is the last of three subscribers.
+#[test]
+fn loom_refusal_last_racing_unregister() {
+    refusal_racing_unregister(2, 1);
+}
+
+/// I14, I15: `put` to zero of a `get_or_register` subscriber racing with a window that calls
+/// its start and end (and with a read of its counters, which holds a snapshot outside any
+/// read section). `free` runs only once no callback of it is running (checked inside
+/// `free`), and exactly once by the time `synchronize` returns (called before the window is
+/// joined); `put` never runs `release`.
+#[test]
+fn loom_put_to_zero_racing_callback() {
+    model(|| {
+        let mm = Mm::new();
+        let sub = Tracked::start_end();
+        let id = {
+            let sub = sub.clone();
+            mm.get_or_register(move || sub).unwrap()
+        };
+
+        let window = {
+            let mm = mm.clone();
+            thread::spawn(move || {
+                // Holds a snapshot outside any read section for a moment: the free it may
+                // trigger is one that only the free barrier of `synchronize` waits for.
+                // (Loom does not see the std `Arc` that keeps the registration alive; the
+                // counters this reads, which the main thread's own window bumps, are what
+                // make loom preempt this thread while it holds the snapshot.)
+                let _ = mm.subscriber_stats(id);
+                let guard = mm
+                    .invalidate_start(range(0x1000, 0x2000), Event::Unmap)
+                    .unwrap();
+                guard.end();
+            })
+        };
+
+        mm.invalidate_start(range(0x3000, 0x4000), Event::Clear)
+            .unwrap()
+            .end();
+        mm.put(id).unwrap();
+        // I15: synchronize waits for the window (if it can still reach the subscriber) and
+        // for the free that its end then triggers.
+        mm.synchronize().unwrap();
+        assert_eq!(
+            sub.frees(),
+            1,
+            "I14/I15: free ran exactly once by synchronize"
+        );
+        window.join().unwrap();
+        assert_eq!(sub.frees(), 1, "I14: free runs exactly once");
+        assert_eq!(
+            sub.starts(),
+            sub.ends(),
+            "I4: balanced even when put raced the window"
+        );
+        assert!(sub.starts() >= 1, "the main thread's own window started it");
+        assert_eq!(sub.releases(), 0, "I14: put to zero does not call release");
+        assert!(matches!(mm.put(id), Err(Error::NotRegistered { .. })));
+    });
+}
+
+/// I16, I12: `Mm::release` racing with `unregister` of the only subscriber. `release` is
+/// called exactly once, whichever wins; `unregister` returns `Ok` (it claimed the subscriber
+/// first) or `NotRegistered` (release had already unlinked it) and either way `release` has
+/// run when it returns; after `Mm::release` returns, registering fails with `Released`.
+#[test]
+fn loom_release_racing_unregister() {
+    let seen = Seen::new();
+    let record = seen.clone();
+    model(move || {
+        let mm = Mm::new();
+        let sub = Tracked::start_end();
+        let id = mm.register(sub.clone()).unwrap();
+
+        let releaser = {
+            let mm = mm.clone();
+            let sub = sub.clone();
+            thread::spawn(move || {
+                mm.release().unwrap();
+                assert_eq!(
+                    sub.releases(),
+                    1,
+                    "I16: release delivered by the time Mm::release returns"
+                );
+            })
+        };
+
+        match mm.unregister(id) {
+            Ok(()) => record.record("unregister Ok"),
+            Err(Error::NotRegistered { .. }) => record.record("unregister NotRegistered"),
+            Err(other) => panic!("unexpected unregister error {other:?}"),
+        }
+        assert_eq!(
+            sub.releases(),
+            1,
+            "I12: release ran by the time unregister returns"
+        );
+
+        releaser.join().unwrap();
+        assert_eq!(sub.releases(), 1, "I16: exactly one release");
+        assert!(mm.subscribers().is_empty());
+        assert!(matches!(
+            mm.register(Tracked::start_end()),
+            Err(Error::Released)
+        ));
+        mm.synchronize().unwrap();
+        assert_eq!(sub.frees(), 1);
+    });
+    seen.assert_all(&["unregister Ok", "unregister NotRegistered"]);
+}
+
+/// I16: `Mm::release` racing with a window. The subscriber stays served while its `release`
+/// runs, so the window either starts it (and then its end is delivered before `Mm::release`
+/// returns) or skips it entirely (it began after the release returned); `release` runs once
+/// and the subscriber is freed once.
+#[test]
+fn loom_release_racing_window() {
+    let seen = Seen::new();
+    let record = seen.clone();
+    model(move || {
+        let mm = Mm::new();
+        let sub = Tracked::start_end();
+        mm.register(sub.clone()).unwrap();
+
+        let window = {
+            let mm = mm.clone();
+            thread::spawn(move || {
+                mm.invalidate_start(range(0x1000, 0x2000), Event::Unmap)
+                    .unwrap()
+                    .end();
+            })
+        };
+
+        mm.release().unwrap();
+        assert_eq!(sub.releases(), 1);
+        assert_eq!(
+            sub.starts(),
+            sub.ends(),
+            "I16: owed end delivered before release returned"
+        );
+        let starts_when_released = sub.starts();
+
+        window.join().unwrap();
+        assert!(sub.starts() <= 1);
+        assert_eq!(
+            sub.starts(),
+            starts_when_released,
+            "I16: nothing is delivered after Mm::release returned"
+        );
+        mm.synchronize().unwrap();
+        assert_eq!(sub.frees(), 1);
+        record.record(if sub.starts() == 1 {
+            "window started the subscriber"
+        } else {
+            "window skipped the released subscriber"
+        });
+    });
+    seen.assert_all(&[
+        "window started the subscriber",
+        "window skipped the released subscriber",
+    ]);
+}
