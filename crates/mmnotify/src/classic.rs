@@ -26,9 +26,12 @@
 //! putting). `free` runs when the engine drops its last reference to the registration, which
 //! is after every callback that was running has returned.
 
-use std::any::TypeId;
+use std::any::{Any, TypeId};
 use std::fmt;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
+
+use crate::context::{Scope, ScopeKind};
 
 use crate::range::{Invalidation, Range};
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -199,7 +202,8 @@ pub trait Subscriber: Send + Sync + 'static {
     /// invalidation.
     ///
     /// # Context
-    /// The blockability of the start. The interval epoch of the range is already closed.
+    /// The blockability of the start. This invalidation has already given back its share of
+    /// the interval epoch (the epoch itself closes when the last invalidation in flight ends).
     fn invalidate_range_end(&self, inv: &Invalidation) {
         let _ = inv;
     }
@@ -309,11 +313,15 @@ pub(crate) trait FreeNotify: Send + Sync + fmt::Debug {
 ///   `released_flag`, which is never cleared.
 pub(crate) struct Registration {
     pub(crate) id: SubscriberId,
+    /// The owning `Mm`'s id, for the context marks around `free`.
+    mm_id: u64,
     pub(crate) subscriber: Arc<dyn Subscriber>,
     pub(crate) caps: Capabilities,
     /// `Some` for registrations made by `get_or_register`.
     pub(crate) key: Option<TypeId>,
     released_flag: AtomicBool,
+    /// Set once `register` returned: every invalidation in flight at registration has ended.
+    ready: AtomicBool,
     release_once: Mutex<bool>,
     pub(crate) stats: StatCounters,
     /// Set when unlinked; the `Mm` then counts this registration as a pending free.
@@ -333,16 +341,19 @@ impl fmt::Debug for Registration {
 impl Registration {
     pub(crate) fn new(
         id: SubscriberId,
+        mm_id: u64,
         subscriber: Arc<dyn Subscriber>,
         caps: Capabilities,
         key: Option<TypeId>,
     ) -> Self {
         Registration {
             id,
+            mm_id,
             subscriber,
             caps,
             key,
             released_flag: AtomicBool::new(false),
+            ready: AtomicBool::new(false),
             release_once: Mutex::new(false),
             stats: StatCounters::default(),
             on_free: Mutex::new(None),
@@ -363,17 +374,30 @@ impl Registration {
     /// The `release_once` lock is held across the callback: that is what makes a second caller
     /// wait for the first one's release to *finish*. A release callback that calls back into
     /// the blocking API of its `Mm` is refused by the context check before reaching this lock.
-    pub(crate) fn release(&self) {
+    pub(crate) fn release(&self) -> Option<Box<dyn Any + Send>> {
         let mut released = self.release_once.lock();
         if *released {
-            return;
+            return None;
         }
         // The flag is raised only after the callback: until the mirror is gone, every change
-        // must still reach it.
-        self.subscriber.release();
+        // must still reach it. A panicking release counts as done: it is never called again,
+        // and the caller finishes its own work before resuming the panic.
+        let panicked = panic::catch_unwind(AssertUnwindSafe(|| self.subscriber.release())).err();
         self.released_flag.store(true, Ordering::Release);
         StatCounters::bump(&self.stats.releases);
         *released = true;
+        panicked
+    }
+
+    /// Whether the registration's `register` call has returned (it waited for the
+    /// invalidations that were in flight).
+    pub(crate) fn is_ready(&self) -> bool {
+        // Acquire: pairs with the Release in `mark_ready`.
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_ready(&self) {
+        self.ready.store(true, Ordering::Release);
     }
 
     pub(crate) fn record_start(&self) {
@@ -400,9 +424,19 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.subscriber.free();
-        if let Some(notify) = self.on_free.lock().take() {
-            notify.freed();
+        /// Tells the `Mm` about the free even if `free` panics, so `synchronize` cannot hang.
+        struct Freed(Option<Arc<dyn FreeNotify>>);
+        impl Drop for Freed {
+            fn drop(&mut self) {
+                if let Some(notify) = self.0.take() {
+                    notify.freed();
+                }
+            }
         }
+        let _freed = Freed(self.on_free.lock().take());
+        // `free` must not sleep: mark the context so that a blocking call from it is refused
+        // instead of hanging.
+        let _cb = Scope::enter(self.mm_id, ScopeKind::Callback { nonblocking: true });
+        self.subscriber.free();
     }
 }

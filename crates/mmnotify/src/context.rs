@@ -10,14 +10,15 @@
 //!
 //! and, for the whole thread, how deep it is in non-blockable callback context.
 //!
-//! Every blocking operation of the library (register, unregister, put, synchronize, release,
-//! a blocking start, interval insert and remove, read_begin) calls [`may_block`] first:
+//! Every blocking operation of the library (register, get_or_register, unregister,
+//! synchronize, release, a blocking start, a first interval insert, interval remove, a
+//! read_begin that must wait) calls [`may_block`] first. The rows are checked in this order:
 //!
 //! | the thread is…                                     | the call waits for…          | verdict                |
 //! |----------------------------------------------------|------------------------------|------------------------|
+//! | handling a non-blockable invalidation (any `Mm`), or running `free` | anything | [`DeadlockCause::NonBlockingContext`] |
 //! | running a callback of the same `Mm`                | callbacks to return          | [`DeadlockCause::InsideCallback`] |
 //! | holding a guard of the same `Mm`                   | guards to end                | [`DeadlockCause::HoldsGuard`]     |
-//! | handling a non-blockable invalidation (any `Mm`)   | anything                     | [`DeadlockCause::NonBlockingContext`] |
 //!
 //! The record costs two thread-local accesses per guard and per callback; it allocates
 //! nothing for up to [`INLINE_ENTRIES`] address spaces open at once on one thread.
@@ -119,7 +120,9 @@ pub(crate) struct Scope {
 
 impl Scope {
     pub(crate) fn enter(mm: u64, kind: ScopeKind) -> Scope {
-        RECORD.with(|record| {
+        // `try_with`: during thread teardown (a thread-local destructor that uses an `Mm`) the
+        // record may be gone; then nothing is marked, and nothing is checked either.
+        let _ = RECORD.try_with(|record| {
             let mut record = record.borrow_mut();
             if let ScopeKind::Callback { nonblocking: true } = kind {
                 record.nonblocking_depth += 1;
@@ -163,7 +166,7 @@ impl Drop for Scope {
 ///
 /// [`Error::WouldDeadlock`] with the cause from the table in the module docs.
 pub(crate) fn may_block(mm: u64, op: BlockingOp) -> Result<()> {
-    let cause = RECORD.with(|record| {
+    let cause = RECORD.try_with(|record| {
         let mut record = record.borrow_mut();
         if record.nonblocking_depth > 0 {
             return Some(DeadlockCause::NonBlockingContext);
@@ -174,7 +177,7 @@ pub(crate) fn may_block(mm: u64, op: BlockingOp) -> Result<()> {
             _ => None,
         }
     });
-    match cause {
+    match cause.ok().flatten() {
         Some(cause) => Err(Error::WouldDeadlock { op, cause }),
         None => Ok(()),
     }
@@ -182,5 +185,7 @@ pub(crate) fn may_block(mm: u64, op: BlockingOp) -> Result<()> {
 
 /// Whether the current thread runs a callback for a non-blockable invalidation (of any `Mm`).
 pub fn in_nonblocking_context() -> bool {
-    RECORD.with(|record| record.borrow().nonblocking_depth > 0)
+    RECORD
+        .try_with(|record| record.borrow().nonblocking_depth > 0)
+        .unwrap_or(false)
 }

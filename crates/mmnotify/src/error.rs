@@ -94,8 +94,9 @@ pub enum Error {
         /// The unknown interval.
         id: IntervalId,
     },
-    /// A non-blocking invalidation start was refused; what had started was ended again and
-    /// nothing in the range may change. Retry later.
+    /// A non-blocking invalidation start was refused: nothing in the range may change, and no
+    /// end is owed by the caller. Retry later. What the subscribers saw depends on the
+    /// [`Policy`](crate::Policy): under `Exact` every start that succeeded was ended again.
     #[error(
         "the non-blocking invalidation of {range} was refused by {}",
         Refusers(refusers)
@@ -167,8 +168,6 @@ pub enum BlockingOp {
     Unregister,
     /// [`Mm::get_or_register`](crate::Mm::get_or_register).
     GetOrRegister,
-    /// [`Mm::put`](crate::Mm::put).
-    Put,
     /// [`Mm::synchronize`](crate::Mm::synchronize).
     Synchronize,
     /// [`Mm::release`](crate::Mm::release).
@@ -189,7 +188,6 @@ impl fmt::Display for BlockingOp {
             BlockingOp::Register => "register",
             BlockingOp::Unregister => "unregister",
             BlockingOp::GetOrRegister => "get_or_register",
-            BlockingOp::Put => "put",
             BlockingOp::Synchronize => "synchronize",
             BlockingOp::Release => "release",
             BlockingOp::InvalidateStart => "a blocking invalidate_start",

@@ -39,7 +39,7 @@ use crate::error::{Error, Refuser, Result};
 use crate::interval::seq::Hits;
 use crate::interval::{IntervalCtx, Invalidate};
 use crate::mm::MmInner;
-use crate::policy::{BlockableRefusal, Policy};
+use crate::policy::BlockableRefusal;
 use crate::range::{Blockable, Event, Invalidation, Range};
 use crate::snapshot::{Snapshot, StartedSet};
 use crate::srcu::SrcuReadGuard;
@@ -54,6 +54,18 @@ use crate::srcu::SrcuReadGuard;
 /// * `started` holds exactly the positions in `classic` whose subscriber is owed an end.
 /// * The guard is `!Send`: the read section and the deadlock bookkeeping belong to the thread
 ///   that started it.
+///
+/// # Panics
+///
+/// Ending the guard (or dropping it) resumes the panic of an end callback, after every other
+/// owed end was delivered and the epoch share was given back.
+///
+/// # Leaking
+///
+/// [`std::mem::forget`] on a guard is the one way to break the pairing: the owed ends are never
+/// sent, the interval epoch never closes, and the address space's read section never ends, so
+/// every later `register`, `unregister`, `synchronize` and `release` on it waits forever. Drop
+/// or [`end`](Self::end) every guard.
 #[must_use = "dropping the guard ends the invalidation at once; keep it while changing the range"]
 pub struct InvalidateGuard<'mm> {
     mm: &'mm MmInner,
@@ -271,6 +283,10 @@ impl<'mm> InvalidateGuard<'mm> {
                         reg.record_violation();
                         tracing::warn!(target: "mmnotify", mm = self.mm.id, subscriber = reg.id.0, "a subscriber that did not declare may_refuse refused a start (contract violation)");
                     }
+                    if reg.caps.has_end() && policy.refuser_must_not_have_end() {
+                        reg.record_violation();
+                        tracing::warn!(target: "mmnotify", mm = self.mm.id, subscriber = reg.id.0, "a subscriber with an end refused a start (Linux warns: such a subscriber must not have an end)");
+                    }
                     if blockable {
                         reg.record_violation();
                         tracing::warn!(target: "mmnotify", mm = self.mm.id, subscriber = reg.id.0, range = ?self.inv.range(), "a blockable start was refused (contract violation)");
@@ -280,10 +296,6 @@ impl<'mm> InvalidateGuard<'mm> {
                             BlockableRefusal::EndNowAndLater => end_now_and_later = true,
                         }
                         continue;
-                    }
-                    if policy == Policy::Kernel && reg.caps.has_end() {
-                        reg.record_violation();
-                        tracing::warn!(target: "mmnotify", mm = self.mm.id, subscriber = reg.id.0, "a subscriber with an end refused a start (Linux warns: such a subscriber must not have an end)");
                     }
                     tracing::debug!(target: "mmnotify", mm = self.mm.id, subscriber = reg.id.0, range = ?self.inv.range(), "invalidate_range_start refused");
                     refusers.push(Refuser::Classic(reg.id));
@@ -312,6 +324,10 @@ impl<'mm> InvalidateGuard<'mm> {
             // inside the start), and again at the caller's end, which ignored the failure.
             self.mark_all_with_end(&snapshot);
             self.deliver_ends(caught);
+            if caught.is_some() {
+                self.close_epoch();
+                resume(caught.take());
+            }
             self.mark_all_with_end(&snapshot);
         }
 
@@ -363,8 +379,15 @@ impl<'mm> InvalidateGuard<'mm> {
             return;
         };
         let nonblocking = !self.inv.is_blockable();
+        #[cfg(feature = "fault-injection")]
+        let mut counted = false;
         for (i, reg) in snapshot.subs.iter().enumerate() {
             if self.started.contains(i) && reg.caps.has_end() {
+                // Test-only: drop the first end of every n-th invalidation that delivers ends.
+                #[cfg(feature = "fault-injection")]
+                if !std::mem::replace(&mut counted, true) && self.mm.lose_this_end() {
+                    continue;
+                }
                 let _cb = Scope::enter(self.mm.id, ScopeKind::Callback { nonblocking });
                 catch(caught, || reg.subscriber.invalidate_range_end(&self.inv));
                 reg.record_end();

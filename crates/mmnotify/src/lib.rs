@@ -136,7 +136,7 @@ pub use interval::{
     IntervalCtx, IntervalHandle, IntervalId, IntervalSubscriber, Invalidate, ReadSeq,
 };
 pub use mm::{Mm, MmBuilder};
-pub use policy::Policy;
+pub use policy::{ParsePolicyError, Policy};
 pub use range::{Blockable, Event, Invalidation, Owner, Range};
 
 /// The README's example, compiled and run as a doctest so that it cannot rot.

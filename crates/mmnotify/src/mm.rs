@@ -6,8 +6,9 @@
 //! See `srcu.rs` for how writers wait for invalidations, `guard.rs` for what an invalidation
 //! does, `interval/seq.rs` for the interval protocol.
 
-use std::any::TypeId;
+use std::any::{Any, TypeId};
 use std::collections::HashMap;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 
 use crate::classic::{FreeNotify, Registration, Subscriber, SubscriberId, SubscriberStats};
@@ -32,7 +33,10 @@ fn next_id() -> u64 {
 
 /// An address space that secondary MMUs subscribe to (Linux's `mm_struct`, notifier side).
 ///
-/// Cloning an `Mm` gives another handle to the same address space.
+/// Cloning an `Mm` gives another handle to the same address space. When the last handle is
+/// dropped without [`release`](Mm::release), subscribers get no `release` call (there is no
+/// process exit to report), but every registration is freed and every interval subscriber is
+/// dropped.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -98,8 +102,11 @@ impl MmBuilder {
                 snapshot: RwLock::new(Arc::new(Snapshot::default())),
                 has_classic: AtomicBool::new(false),
                 registry: Mutex::new(Registry::default()),
+                exit: Mutex::new(()),
                 frees: Arc::new(FreeBarrier::default()),
                 itree: Arc::new(Itree::new(id, self.initial_interval_seq)),
+                #[cfg(feature = "fault-injection")]
+                lose_end: LoseEnd::default(),
             }),
         }
     }
@@ -108,10 +115,23 @@ impl MmBuilder {
 #[derive(Debug, Default)]
 struct Registry {
     released: bool,
-    /// `get_or_register` registrations: key → (id, use count).
+    /// `get_or_register` registrations: key → (id, use count). Kept across `release`, so that
+    /// the owners' later `put`s still balance.
     shared: HashMap<TypeId, (SubscriberId, u64)>,
     /// Registrations claimed by an unregister in progress.
     unregistering: Vec<SubscriberId>,
+    /// Plain registrations that `release` unlinked and that were not unregistered yet: their
+    /// owner's `unregister` still succeeds, as in Linux (KVM unregisters after exit).
+    exited: Vec<SubscriberId>,
+}
+
+impl Registry {
+    fn shared_entry(&mut self, id: SubscriberId) -> Option<(TypeId, &mut u64)> {
+        self.shared
+            .iter_mut()
+            .find(|(_, (shared_id, _))| *shared_id == id)
+            .map(|(key, (_, uses))| (*key, uses))
+    }
 }
 
 /// Counts unlinked registrations that were not freed yet; `synchronize` waits for zero.
@@ -154,8 +174,32 @@ pub(crate) struct MmInner {
     /// the snapshot lock. Written under `registry`, read inside a read section.
     has_classic: AtomicBool,
     registry: Mutex<Registry>,
+    /// Held for the whole of `Mm::release`, so that a second caller returns only once the
+    /// first one is done.
+    exit: Mutex<()>,
     frees: Arc<FreeBarrier>,
     pub(crate) itree: Arc<Itree>,
+    #[cfg(feature = "fault-injection")]
+    lose_end: LoseEnd,
+}
+
+/// Test-only fault injection (feature `fault-injection`): drop one classic end every n-th
+/// invalidation that delivers ends. Exists so that torture tests can prove they catch a
+/// broken engine; never compiled into normal builds.
+#[cfg(feature = "fault-injection")]
+#[derive(Debug, Default)]
+struct LoseEnd {
+    every: crate::sync::atomic::AtomicU64,
+    count: crate::sync::atomic::AtomicU64,
+}
+
+#[cfg(feature = "fault-injection")]
+impl MmInner {
+    /// Whether the end about to be delivered is to be skipped (every n-th call, if armed).
+    pub(crate) fn lose_this_end(&self) -> bool {
+        let every = self.lose_end.every.load(Ordering::Relaxed);
+        every != 0 && (self.lose_end.count.fetch_add(1, Ordering::Relaxed) + 1) % every == 0
+    }
 }
 
 impl std::fmt::Debug for MmInner {
@@ -211,6 +255,14 @@ impl MmInner {
 #[derive(Default)]
 struct Retired(Vec<Arc<Snapshot>>);
 
+impl Drop for MmInner {
+    fn drop(&mut self) {
+        // Intervals that were never removed point back at the interval state; empty it so
+        // that they, and their subscribers, are dropped with the address space.
+        self.itree.clear();
+    }
+}
+
 impl Default for Mm {
     fn default() -> Self {
         Mm::new()
@@ -244,6 +296,15 @@ impl Mm {
     /// The pairing policy.
     pub fn policy(&self) -> Policy {
         self.inner.policy
+    }
+
+    /// Test-only (feature `fault-injection`): deliberately breaks the engine by skipping one
+    /// classic end every `n`-th invalidation that delivers ends (`0` turns it off).
+    #[cfg(feature = "fault-injection")]
+    #[doc(hidden)]
+    pub fn lose_end_every(&self, n: u64) {
+        self.inner.lose_end.every.store(n, Ordering::Relaxed);
+        self.inner.lose_end.count.store(0, Ordering::Relaxed);
     }
 
     // --- classic subscribers -------------------------------------------------------------
@@ -280,6 +341,16 @@ impl Mm {
                 return Err(Error::Released);
             }
             let current = self.inner.current();
+            if let Some((existing, uses)) = key.and_then(|k| registry.shared.get_mut(&k)) {
+                // Lost a race with another get_or_register: use theirs; ours is dropped unused.
+                *uses = uses
+                    .checked_add(1)
+                    .ok_or(Error::UseCountOverflow { id: *existing })?;
+                let existing = *existing;
+                drop(registry);
+                self.wait_until_ready(existing);
+                return Ok(existing);
+            }
             let thin = |s: &Arc<dyn Subscriber>| Arc::as_ptr(s).cast::<()>();
             if let Some(existing) = current
                 .subs
@@ -290,24 +361,20 @@ impl Mm {
                     existing: existing.id,
                 });
             }
-            if let Some((existing, uses)) = key.and_then(|k| registry.shared.get_mut(&k)) {
-                // Lost a race with another get_or_register: use theirs; ours is dropped unused.
-                *uses = uses
-                    .checked_add(1)
-                    .ok_or(Error::UseCountOverflow { id: *existing })?;
-                return Ok(*existing);
-            }
             let id = SubscriberId(next_id());
             if let Some(key) = key {
                 registry.shared.insert(key, (id, 1));
             }
-            let reg = Arc::new(Registration::new(id, subscriber, caps, key));
-            self.inner.publish(current.with(reg), &mut retired);
-            id
+            let reg = Arc::new(Registration::new(id, self.inner.id, subscriber, caps, key));
+            self.inner
+                .publish(current.with(Arc::clone(&reg)), &mut retired);
+            (id, reg)
         };
         drop(retired);
+        let (id, reg) = id;
         tracing::debug!(target: "mmnotify", mm = self.inner.id, subscriber = id.0, ?caps, "registered");
         self.inner.srcu.synchronize();
+        reg.mark_ready();
         Ok(id)
     }
 
@@ -328,21 +395,34 @@ impl Mm {
         let reg = {
             let mut registry = self.inner.registry.lock();
             let current = self.inner.current();
-            let reg = current
+            let Some(reg) = current
                 .position(id)
                 .map(|i| Arc::clone(&current.subs[i]))
                 .filter(|_| !registry.unregistering.contains(&id))
-                .ok_or(Error::NotRegistered { id })?;
+            else {
+                if let Some(at) = registry.exited.iter().position(|&e| e == id) {
+                    // Released by process exit already: nothing left but to wait for the
+                    // callbacks that may still run.
+                    registry.exited.swap_remove(at);
+                    drop(registry);
+                    self.inner.srcu.synchronize();
+                    return Ok(());
+                }
+                if registry.shared_entry(id).is_some() {
+                    return Err(Error::SharedUsePut { id });
+                }
+                return Err(Error::NotRegistered { id });
+            };
             if reg.key.is_some() {
                 return Err(Error::SharedUsePut { id });
             }
             registry.unregistering.push(id);
             reg
         };
-        {
+        let panicked = {
             let _cb = Scope::enter(self.inner.id, ScopeKind::Callback { nonblocking: false });
-            reg.release();
-        }
+            reg.release()
+        };
         let mut retired = Retired::default();
         {
             let mut registry = self.inner.registry.lock();
@@ -353,6 +433,10 @@ impl Mm {
         drop(reg);
         self.inner.srcu.synchronize();
         tracing::debug!(target: "mmnotify", mm = self.inner.id, subscriber = id.0, "unregistered");
+        if let Some(payload) = panicked {
+            // The subscriber is unregistered all the same; its release's panic goes on.
+            panic::resume_unwind(payload);
+        }
         Ok(())
     }
 
@@ -373,10 +457,25 @@ impl Mm {
         let key = TypeId::of::<S>();
         context::may_block(self.inner.id, BlockingOp::GetOrRegister)?;
         if let Some(id) = self.get_existing(key)? {
+            self.wait_until_ready(id);
             return Ok(id);
         }
         let fresh: Arc<dyn Subscriber> = alloc();
         self.register_keyed(fresh, Some(key), BlockingOp::GetOrRegister)
+    }
+
+    /// Returns once the registration `id` excludes every invalidation that was in flight when
+    /// it was published: a `get_or_register` that finds a registration whose own `register` is
+    /// still waiting must not return before it.
+    fn wait_until_ready(&self, id: SubscriberId) {
+        let current = self.inner.current();
+        let ready = current
+            .position(id)
+            .map_or(true, |i| current.subs[i].is_ready());
+        drop(current);
+        if !ready {
+            self.inner.srcu.synchronize();
+        }
     }
 
     fn get_existing(&self, key: TypeId) -> Result<Option<SubscriberId>> {
@@ -409,6 +508,17 @@ impl Mm {
         let mut registry = self.inner.registry.lock();
         let current = self.inner.current();
         let Some(index) = current.position(id) else {
+            // Unlinked by `release` already: only the use count is left to balance.
+            if let Some((key, uses)) = registry.shared_entry(id) {
+                *uses -= 1;
+                if *uses == 0 {
+                    registry.shared.remove(&key);
+                }
+                return Ok(());
+            }
+            if registry.exited.contains(&id) {
+                return Err(Error::NotShared { id });
+            }
             return Err(Error::NotRegistered { id });
         };
         let Some(key) = current.subs[index].key else {
@@ -473,6 +583,7 @@ impl Mm {
     /// [`Error::WouldDeadlock`] from inside a callback or while holding a guard.
     pub fn release(&self) -> Result<()> {
         context::may_block(self.inner.id, BlockingOp::Release)?;
+        let _exit = self.inner.exit.lock();
         {
             let mut registry = self.inner.registry.lock();
             if registry.released {
@@ -480,31 +591,44 @@ impl Mm {
             }
             registry.released = true;
         }
+        // A panicking callback does not stop the teardown: everything below still happens,
+        // then the first panic is resumed.
+        let mut panicked: Option<Box<dyn Any + Send>> = None;
         if self.inner.itree.is_present() {
-            // Blockable, so it cannot be refused; a panicking callback resumes here.
-            if let Ok(guard) =
-                InvalidateGuard::start_intervals_only(&self.inner, Range::ALL, Event::Release)
-            {
-                guard.end();
-            }
+            let release_intervals = panic::catch_unwind(AssertUnwindSafe(|| {
+                // Blockable, so it cannot be refused.
+                if let Ok(guard) =
+                    InvalidateGuard::start_intervals_only(&self.inner, Range::ALL, Event::Release)
+                {
+                    guard.end();
+                }
+            }));
+            panicked = release_intervals.err();
         }
         let snapshot = self.inner.current();
         for reg in snapshot.subs.iter() {
             let _cb = Scope::enter(self.inner.id, ScopeKind::Callback { nonblocking: false });
-            reg.release();
+            if let Some(payload) = reg.release() {
+                panicked.get_or_insert(payload);
+            }
         }
         let mut retired = Retired::default();
         {
             let mut registry = self.inner.registry.lock();
             for reg in snapshot.subs.iter() {
-                self.inner.unlink(reg.id, &mut retired);
+                let plain = reg.key.is_none() && !registry.unregistering.contains(&reg.id);
+                if self.inner.unlink(reg.id, &mut retired) && plain {
+                    registry.exited.push(reg.id);
+                }
             }
-            registry.shared.clear();
         }
         drop(retired);
         drop(snapshot);
         self.inner.srcu.synchronize();
         tracing::debug!(target: "mmnotify", mm = self.inner.id, "released");
+        if let Some(payload) = panicked {
+            panic::resume_unwind(payload);
+        }
         Ok(())
     }
 
@@ -627,12 +751,14 @@ impl Mm {
         if self.inner.registry.lock().released {
             return Err(Error::Released);
         }
-        if !self.inner.itree.is_present() {
+        if !self.inner.itree.is_ready() {
+            // The first inserts: invalidations that began before the interval state existed
+            // did not count themselves in it, so every inserter that cannot yet rely on them
+            // having ended waits for them (not only the one that made the state present).
             context::may_block(self.inner.id, BlockingOp::Insert)?;
-            if self.inner.itree.mark_present() {
-                // Invalidations in flight did not count themselves in the interval state.
-                self.inner.srcu.synchronize();
-            }
+            self.inner.itree.mark_present();
+            self.inner.srcu.synchronize();
+            self.inner.itree.mark_ready();
         }
         let node = Arc::new(IntervalNode::new(
             IntervalId(next_id()),
@@ -641,7 +767,15 @@ impl Mm {
             subscriber,
             Arc::clone(&self.inner.itree),
         ));
-        self.inner.itree.insert(&node);
+        {
+            // Under the registry lock, so that an insert cannot slip in after `release` sent
+            // its Release invalidation.
+            let registry = self.inner.registry.lock();
+            if registry.released {
+                return Err(Error::Released);
+            }
+            self.inner.itree.insert(&node);
+        }
         tracing::debug!(target: "mmnotify", mm = self.inner.id, interval = node.id.0, start, last, "interval inserted");
         Ok(IntervalHandle { node })
     }

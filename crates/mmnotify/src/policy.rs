@@ -15,10 +15,14 @@
 //! On success the three agree: every subscriber whose start ran (or that has no start) and
 //! that declares an end gets exactly one end.
 
+use std::fmt;
+use std::str::FromStr;
+
 use crate::classic::Capabilities;
 
 /// How an [`Mm`](crate::Mm) pairs ends with starts when a start is refused.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Policy {
     /// mmnotify's own: a refused non-blocking start ends exactly the subscribers whose start
     /// succeeded, closes the interval epoch, and reports the refusers. Nothing is ever lost or
@@ -34,6 +38,43 @@ pub enum Policy {
     /// (the caller skips it), so subscribers whose start succeeded stay raised forever; the
     /// interval epoch leaks as under `Kernel`.
     Legacy,
+}
+
+impl Policy {
+    /// Every policy, ours first.
+    pub const ALL: [Policy; 3] = [Policy::Exact, Policy::Kernel, Policy::Legacy];
+
+    /// The lower-case name used on command lines and in reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Policy::Exact => "exact",
+            Policy::Kernel => "kernel",
+            Policy::Legacy => "legacy",
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A policy name that is not `exact`, `kernel` or `legacy`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown policy {0:?}; expected exact, kernel or legacy")]
+pub struct ParsePolicyError(pub String);
+
+impl FromStr for Policy {
+    type Err = ParsePolicyError;
+
+    /// Parses a policy name, ignoring case.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Policy::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| ParsePolicyError(s.to_owned()))
+    }
 }
 
 /// What a policy does with a start refused on a *blockable* range (a contract violation: a
@@ -70,6 +111,12 @@ impl Policy {
         matches!(self, Policy::Exact)
     }
 
+    /// Whether a refusal by a subscriber that declares an end breaks the policy's rules (Linux
+    /// since v5.12 warns: "a notifier whose start can fail must not have an end").
+    pub(crate) const fn refuser_must_not_have_end(self) -> bool {
+        matches!(self, Policy::Kernel)
+    }
+
     /// What happens when a start refuses although the range was blockable.
     pub(crate) const fn blockable_refusal(self) -> BlockableRefusal {
         match self {
@@ -104,6 +151,16 @@ mod tests {
         assert!(!Policy::Kernel.end_after_refusal(NO_END, true));
         assert!(Policy::Kernel.continue_after_refusal());
         assert!(!Policy::Kernel.close_epoch_after_classic_refusal());
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for p in Policy::ALL {
+            assert_eq!(p.name().parse::<Policy>(), Ok(p));
+            assert_eq!(p.to_string().to_uppercase().parse::<Policy>(), Ok(p));
+        }
+        let err = "strict".parse::<Policy>().unwrap_err();
+        assert!(err.to_string().contains("unknown policy \"strict\""));
     }
 
     /// P3: Legacy ends nobody after a refusal.

@@ -180,8 +180,10 @@ impl Model {
     }
 
     /// `read_begin` would wait: the interval was tagged by the epoch still open (I28, I29).
+    /// Whether `read_begin` would wait: the open epoch tagged the interval (a removed interval
+    /// is reported as such before any wait).
     fn tagged(&self, iv: usize) -> bool {
-        self.ivs[iv].seq == self.seq
+        self.ivs[iv].mem != Mem::Removed && self.ivs[iv].seq == self.seq
     }
 
     /// `remove_deferred`'s effect (I27, I31).
@@ -200,6 +202,10 @@ impl Model {
 
     fn read_begin(&mut self, iv: usize) -> Expect {
         let node = &mut self.ivs[iv];
+        if node.mem == Mem::Removed {
+            // I31: a removed interval has nothing left to read.
+            return Expect::NotInserted(iv);
+        }
         node.read = Some((node.seq, node.ranges.len()));
         Expect::Seq(node.seq)
     }
@@ -513,6 +519,10 @@ fn check_read(sut: &mut Sut, i: usize, expect: &Expect, got: Result<ReadSeq, Err
             );
             sut.ivs[i].read = Some(read);
         }
+        Expect::NotInserted(iv) => match got {
+            Err(Error::IntervalNotInserted { id }) => assert_eq!(id, sut.ivs[iv].handle.id()),
+            other => panic!("{what}: expected IntervalNotInserted, got {other:?}"),
+        },
         Expect::Timeout => match got {
             Err(Error::ReadBeginTimeout { id, .. }) => assert_eq!(id, sut.ivs[i].handle.id()),
             other => panic!("{what}: expected ReadBeginTimeout, got {other:?}"),

@@ -188,6 +188,8 @@ struct SlotModel {
     /// The `get_or_register` key, `None` for `register`.
     key: Option<usize>,
     linked: bool,
+    /// A plain registration that `release` unlinked: one more `unregister` succeeds (I16).
+    exited: bool,
     starts: u64,
     refusals: u64,
     ends: u64,
@@ -277,6 +279,7 @@ impl Model {
             caps: kind.caps(),
             key,
             linked: true,
+            exited: false,
             starts: 0,
             refusals: 0,
             ends: 0,
@@ -286,6 +289,12 @@ impl Model {
         let slot = self.slots.len() - 1;
         self.order.push(slot);
         slot
+    }
+
+    /// The key of the shared use count that `slot` still holds, if any.
+    fn shared_uses(&self, slot: usize) -> Option<usize> {
+        let key = self.slots[slot].key?;
+        matches!(self.shared[key], Some((owner, _)) if owner == slot).then_some(key)
     }
 
     fn unlink(&mut self, slot: usize) {
@@ -336,17 +345,19 @@ impl Model {
             if !caps.can_refuse() {
                 self.slots[s].violations += 1;
             }
+            // Linux >= 5.12 warns whenever a subscriber with an end refuses, blockable or not.
+            if policy == Policy::Kernel && caps.has_end() {
+                self.slots[s].violations += 1;
+            }
             if blockable {
                 self.slots[s].violations += 1;
                 match policy {
                     Policy::Exact => {}
                     Policy::Kernel => end_now_and_later = true,
                     Policy::Legacy => owed.push(s),
+                    _ => unreachable!("a new policy: extend the model"),
                 }
                 continue;
-            }
-            if policy == Policy::Kernel && caps.has_end() {
-                self.slots[s].violations += 1;
             }
             refusers.push(s);
             if policy == Policy::Exact {
@@ -557,7 +568,13 @@ impl<P: PolicyKind> ReferenceStateMachine for CoreModel<P> {
                 if holds {
                     wd(BlockingOp::Unregister)
                 } else if !s.slots[slot].linked {
-                    Expect::NotRegistered(Target::Slot(slot))
+                    if std::mem::take(&mut s.slots[slot].exited) {
+                        Expect::Ok
+                    } else if s.shared_uses(slot).is_some() {
+                        Expect::SharedUsePut(slot)
+                    } else {
+                        Expect::NotRegistered(Target::Slot(slot))
+                    }
                 } else if s.slots[slot].key.is_some() {
                     Expect::SharedUsePut(slot)
                 } else {
@@ -576,7 +593,19 @@ impl<P: PolicyKind> ReferenceStateMachine for CoreModel<P> {
             // I14: put never blocks, so it is allowed with a guard open.
             Transition::Put(slot) => {
                 if !s.slots[slot].linked {
-                    Expect::NotRegistered(Target::Slot(slot))
+                    // After release, a shared registration's use count still balances.
+                    if let Some(key) = s.shared_uses(slot) {
+                        let (_, uses) = s.shared[key].as_mut().expect("shared slot");
+                        *uses -= 1;
+                        if *uses == 0 {
+                            s.shared[key] = None;
+                        }
+                        Expect::Ok
+                    } else if s.slots[slot].exited {
+                        Expect::NotShared(slot)
+                    } else {
+                        Expect::NotRegistered(Target::Slot(slot))
+                    }
                 } else if let Some(key) = s.slots[slot].key {
                     let (_, uses) = s.shared[key].as_mut().expect("linked shared slot");
                     *uses -= 1;
@@ -612,8 +641,8 @@ impl<P: PolicyKind> ReferenceStateMachine for CoreModel<P> {
                     for slot in std::mem::take(&mut s.order) {
                         s.slots[slot].releases += 1;
                         s.slots[slot].linked = false;
+                        s.slots[slot].exited = s.slots[slot].key.is_none();
                     }
-                    s.shared = [None; KEYS];
                     Expect::Ok
                 }
             }

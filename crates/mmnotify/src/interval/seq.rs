@@ -80,8 +80,12 @@ pub(crate) type Hits = SmallVec<[Arc<IntervalNode>; INLINE_HITS]>;
 #[derive(Debug)]
 pub(crate) struct Itree {
     mm_id: u64,
-    /// Set (under `state`) by the first insert and never cleared (Linux's `has_itree`).
+    /// Set (under `state`) by the first insert and never cleared (Linux's `has_itree`): from
+    /// then on every invalidation counts itself in `active`.
     present: AtomicBool,
+    /// Set once the invalidations that began before `present` (and so did not count
+    /// themselves) have all ended. Until then every insert must wait for them itself.
+    ready: AtomicBool,
     state: Mutex<ItreeState>,
     closed: Condvar,
 }
@@ -120,6 +124,7 @@ impl Itree {
         Itree {
             mm_id,
             present: AtomicBool::new(false),
+            ready: AtomicBool::new(false),
             state: Mutex::new(ItreeState {
                 seq: initial_seq,
                 active: 0,
@@ -137,10 +142,22 @@ impl Itree {
         self.present.load(Ordering::Acquire)
     }
 
-    /// Returns `true` if this call made the interval state present.
-    pub(crate) fn mark_present(&self) -> bool {
+    /// Makes every invalidation that starts from now on count itself in the interval state.
+    pub(crate) fn mark_present(&self) {
         let _state = self.state.lock();
-        !self.present.swap(true, Ordering::Release)
+        self.present.store(true, Ordering::Release);
+    }
+
+    /// Whether the invalidations that began before the state was present have all ended (an
+    /// inserter that saw them end sets it with [`mark_ready`](Self::mark_ready)).
+    pub(crate) fn is_ready(&self) -> bool {
+        // Acquire: pairs with the Release in `mark_ready`; the inserter's wait happens before.
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Records that no uncounted invalidation is left.
+    pub(crate) fn mark_ready(&self) {
+        self.ready.store(true, Ordering::Release);
     }
 
     pub(crate) fn state(&self) -> IntervalState {
@@ -181,18 +198,23 @@ impl Itree {
         // Wrapping: the sequence is compared only for equality and parity, and
         // `MmBuilder::initial_interval_seq` lets tests start it just below the wrap.
         state.seq = state.seq.wrapping_add(1);
+        // The queue and the removed entries are dropped only after the lock is released: the
+        // last reference to an interval may go with them, and its subscriber's `Drop` is user
+        // code that may call back into this `Mm`.
         let deferred = std::mem::take(&mut state.deferred);
-        for node in deferred {
+        let mut removed = Vec::new();
+        for node in &deferred {
             match node.membership() {
                 Membership::PendingInsert => {
-                    state.index.insert(node.start, node.last, Arc::clone(&node));
+                    state.index.insert(node.start, node.last, Arc::clone(node));
                     node.set_membership(Membership::InTree);
                 }
                 Membership::PendingRemove => {
-                    let removed = state
+                    let entry = state
                         .index
-                        .remove(node.start, node.last, &mut |n| Arc::ptr_eq(n, &node));
-                    debug_assert!(removed.is_some(), "a pending removal must be in the index");
+                        .remove(node.start, node.last, &mut |n| Arc::ptr_eq(n, node));
+                    debug_assert!(entry.is_some(), "a pending removal must be in the index");
+                    removed.extend(entry);
                     node.set_membership(Membership::Removed);
                 }
                 Membership::InTree | Membership::Removed => {
@@ -202,6 +224,8 @@ impl Itree {
         }
         drop(state);
         self.closed.notify_all();
+        drop(deferred);
+        drop(removed);
     }
 
     /// Adds an interval (the caller already made the state present).
@@ -227,12 +251,17 @@ impl Itree {
     /// Removes an interval now if no epoch is open, else queues the removal. Returns whether
     /// the caller must wait for the epoch to close.
     pub(crate) fn remove_deferred(&self, node: &Arc<IntervalNode>) -> Result<bool> {
+        // Entries taken out of the index or the queue are dropped after the lock is released
+        // (see `end`).
+        let mut taken = None;
         let mut state = self.state.lock();
-        match node.membership() {
+        let result = match node.membership() {
             Membership::Removed => Err(Error::IntervalNotInserted { id: node.id }),
             Membership::PendingRemove => Ok(true),
             Membership::PendingInsert => {
-                state.deferred.retain(|n| !Arc::ptr_eq(n, node));
+                if let Some(at) = state.deferred.iter().position(|n| Arc::ptr_eq(n, node)) {
+                    taken = Some(state.deferred.remove(at));
+                }
                 node.set_membership(Membership::Removed);
                 Ok(false)
             }
@@ -242,14 +271,29 @@ impl Itree {
                 Ok(true)
             }
             Membership::InTree => {
-                let removed = state
+                taken = state
                     .index
                     .remove(node.start, node.last, &mut |n| Arc::ptr_eq(n, node));
-                debug_assert!(removed.is_some());
+                debug_assert!(taken.is_some());
                 node.set_membership(Membership::Removed);
                 Ok(false)
             }
-        }
+        };
+        drop(state);
+        drop(taken);
+        result
+    }
+
+    /// Empties the index and the queue (the address space is going away). Breaks the
+    /// reference cycle interval → `Itree` → index → interval, so that subscribers of
+    /// intervals that were never removed are dropped with their `Mm`.
+    pub(crate) fn clear(&self) {
+        let mut state = self.state.lock();
+        let index = std::mem::take(&mut state.index);
+        let deferred = std::mem::take(&mut state.deferred);
+        drop(state);
+        drop(index);
+        drop(deferred);
     }
 
     /// Removes an interval and returns once no callback of it runs or can start.
@@ -272,6 +316,9 @@ impl Itree {
         deadline: Option<Instant>,
     ) -> Result<ReadSeq> {
         let state = self.state.lock();
+        if node.membership() == Membership::Removed {
+            return Err(Error::IntervalNotInserted { id: node.id });
+        }
         // Acquire: pairs with the Release in `set_seq`.
         let seq = node.seq.load(Ordering::Acquire);
         if seq != state.seq {

@@ -490,3 +490,50 @@ fn loom_interval_refusal_closes_epoch() {
         "fault before the refused start",
     ]);
 }
+
+/// I28, I30: the first inserts on an address space race with an invalidation that began before
+/// any interval existed (so it did not count itself in the interval state). Thread W runs that
+/// invalidation and changes the primary inside it; thread T inserts an unrelated interval
+/// first; the main thread inserts the overlapping one and faults it in. Every inserter that
+/// cannot rely on such invalidations having ended waits for them, not only the one that made
+/// the state present, so the mirror never commits a stale version.
+#[test]
+fn loom_concurrent_first_inserts_never_commit_stale() {
+    model(move || {
+        let mm = Mm::new();
+        let primary = Arc::new(AtomicUsize::new(0));
+        let invalidator = {
+            let mm = mm.clone();
+            let primary = primary.clone();
+            thread::spawn(move || {
+                let guard = mm
+                    .invalidate_start(range(0x1000, 0x2000), Event::Unmap)
+                    .unwrap();
+                primary.fetch_add(1, SeqCst);
+                guard.end();
+            })
+        };
+        let other_inserter = {
+            let mm = mm.clone();
+            thread::spawn(move || {
+                let unrelated = MirrorSub::new(false);
+                mm.insert_interval(0x8000, 0x1000, unrelated).unwrap();
+            })
+        };
+
+        let sub = MirrorSub::new(false);
+        let handle = insert(&mm, &sub);
+        fault(&handle, &sub, &primary);
+        invalidator.join().unwrap();
+        other_inserter.join().unwrap();
+
+        let mirror = sub.mirror.lock().unwrap();
+        if mirror.valid {
+            assert_eq!(
+                mirror.version,
+                primary.load(SeqCst),
+                "I28: a stale primary version was committed"
+            );
+        }
+    });
+}
