@@ -28,6 +28,9 @@
 //! * The oracle (`oracle.rs`): [`oracle::check`] compares every mirror with the primary and
 //!   checks start/end balance, in-flight counters, the interval epoch and hangs, returning
 //!   typed [`Violation`]s.
+//! * Torture (`torture/`): [`torture::run`] drives random concurrent operations against one
+//!   address space with fault-injecting subscribers, checks the oracle at quiet points, and
+//!   shrinks a failing history to a short single-threaded replay.
 //! * Scenarios (`scenario.rs`): [`run`] runs a [`Scenario`] under a [`Policy`] and returns a
 //!   [`ScenarioReport`] of facts read from state at the end, with the event log (`trace.rs`)
 //!   for trace export.
@@ -66,6 +69,7 @@ mod page_table;
 mod scenario;
 pub mod secondary;
 mod sync;
+pub mod torture;
 mod trace;
 mod vma;
 
