@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
 mod torture;
 mod trace;
@@ -29,6 +30,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Randomised concurrent stress with fault injection; shrinks and replays failures.
     Torture(torture::TortureArgs),
+    /// Measure the notifier fast paths against naive baselines; print a table, write SVG charts.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +39,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Torture(args) => torture::run(&args),
+        Command::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
