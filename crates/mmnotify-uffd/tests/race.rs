@@ -1,0 +1,204 @@
+//! The race of the visibility guarantee (docs/SEMANTICS.md U1), on real memory.
+//!
+//! One thread fills a mirror of a 4-page region with `read_begin` / fault-in / `read_retry`;
+//! another unmaps and re-maps the same address over and over: `munmap` then `mmap` with
+//! `MAP_FIXED_NOREPLACE`, alternating with `mmap(MAP_FIXED)` over the live memory, re-watching
+//! the new VMA each time (the kernel does not register memory mapped at a watched address).
+//!
+//! Two judges:
+//! * **protocol**: the mutator bumps `started` before each destructive call and `completed`
+//!   after it *returned*; the filler reads `started` after `read_begin` and `completed` before
+//!   `read_retry`. A commit with `completed > started_at_begin` committed a fill that began
+//!   before an operation that had returned by the time of the check: a stale commit, which the
+//!   guarantee forbids.
+//! * **real mapping**: after each operation the mutator waits until the watcher delivered what
+//!   it read, then compares every mirror entry with /proc/self/pagemap (PFN as root, stamped
+//!   page contents otherwise): each must be the page mapped now.
+//!
+//! A control run checks only the engine's sequence (no gate), to show the test can see the gap
+//! the gate covers; its count is printed, not asserted (it depends on scheduling). The counts
+//! of both runs are printed, so a run that never raced is visible.
+
+mod common;
+
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use mmnotify_uffd::pagemap::{self, Frame};
+use mmnotify_uffd::Watcher;
+
+const PAGES: usize = 4;
+
+#[derive(Debug, Default)]
+struct Counts {
+    ops: u64,
+    commits: u64,
+    collisions: u64,
+    holes: u64,
+    stale_commits: u64,
+    stale_by_pagemap_at_commit: u64,
+    incoherent_after_delivery: u64,
+}
+
+fn run(w: &Watcher, duration: Duration, gated: bool) -> Counts {
+    let ps = ps();
+    let len = PAGES * ps;
+    let base = map_anon(PAGES) as u64;
+    let report = w.watch(base, len as u64).unwrap();
+    assert!(report.is_complete());
+    let mirror = Arc::new(Mirror::default());
+    let iv = w.insert_interval(base, len as u64, mirror.clone()).unwrap();
+
+    let started = Arc::new(AtomicU64::new(0));
+    let completed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let filler = {
+        let (mirror, iv, started, completed, stop) = (
+            mirror.clone(),
+            iv.clone(),
+            started.clone(),
+            completed.clone(),
+            stop.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut c = Counts::default();
+            while !stop.load(Ordering::Relaxed) {
+                let seq = iv.read_begin().expect("read_begin");
+                let c_begin = started.load(Ordering::SeqCst);
+                if !populate(base, len) {
+                    c.holes += 1;
+                    continue;
+                }
+                let frames: Vec<Frame> = (0..PAGES)
+                    .map(|i| pagemap::frame(base + (i * ps) as u64).unwrap())
+                    .collect();
+                let mut s = mirror.state.lock().unwrap();
+                let c_commit = completed.load(Ordering::SeqCst);
+                let retry = if gated {
+                    iv.read_retry(seq)
+                } else {
+                    iv.engine().read_retry(seq.engine())
+                };
+                if retry {
+                    c.collisions += 1;
+                    continue;
+                }
+                c.commits += 1;
+                if c_commit > c_begin {
+                    c.stale_commits += 1;
+                }
+                let now: Vec<Frame> = (0..PAGES)
+                    .map(|i| pagemap::frame(base + (i * ps) as u64).unwrap())
+                    .collect();
+                if now != frames && c_commit > c_begin {
+                    c.stale_by_pagemap_at_commit += 1;
+                }
+                for (i, f) in frames.into_iter().enumerate() {
+                    s.entries.insert(base + (i * ps) as u64, f);
+                }
+            }
+            c
+        })
+    };
+
+    let mut ops = 0u64;
+    let mut incoherent = 0u64;
+    let deadline = Instant::now() + duration;
+    while Instant::now() < deadline {
+        if ops % 2 == 0 {
+            // munmap, then MAP_FIXED_NOREPLACE at the same address.
+            started.fetch_add(1, Ordering::SeqCst);
+            // SAFETY: the test owns the region; nothing holds references into it.
+            assert_eq!(unsafe { libc::munmap(base as *mut c_void, len) }, 0);
+            completed.fetch_add(1, Ordering::SeqCst);
+            // SAFETY: mapping at the address we just freed.
+            let p = unsafe {
+                libc::mmap(
+                    base as *mut c_void,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                    -1,
+                    0,
+                )
+            };
+            assert_eq!(
+                p as u64, base,
+                "the freed address was taken by someone else"
+            );
+        } else {
+            // MAP_FIXED over the live memory.
+            started.fetch_add(1, Ordering::SeqCst);
+            // SAFETY: replacing our own mapping.
+            let p = unsafe {
+                libc::mmap(
+                    base as *mut c_void,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                    -1,
+                    0,
+                )
+            };
+            assert_eq!(p as u64, base);
+            completed.fetch_add(1, Ordering::SeqCst);
+        }
+        stamp_all(base as *mut u8, PAGES);
+        let _ = w.watch(base, len as u64).expect("re-watch the new mapping");
+        ops += 1;
+        // Judge against the real mapping once everything read has been delivered.
+        w.synchronize(Duration::from_secs(10)).unwrap();
+        let s = mirror.state.lock().unwrap();
+        for (a, f) in &s.entries {
+            if pagemap::frame(*a).unwrap() != *f {
+                incoherent += 1;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut c = filler.join().unwrap();
+    c.ops = ops;
+    c.incoherent_after_delivery = incoherent;
+    w.remove_interval(&iv).unwrap();
+    // SAFETY: the test owns the region.
+    unsafe { libc::munmap(base as *mut c_void, len) };
+    c
+}
+
+#[test]
+fn fills_racing_with_munmap_and_map_fixed_never_commit_stale_pages() {
+    let w = Watcher::get().unwrap();
+    let judge = if pagemap::pfns_visible() {
+        "PFN"
+    } else {
+        "content"
+    };
+    let gated = within(Duration::from_secs(60), "gated race", {
+        let w = w.clone();
+        move || run(&w, Duration::from_secs(3), true)
+    });
+    println!("gated run (judge: {judge}): {gated:?}");
+    let control = within(Duration::from_secs(60), "control race", {
+        let w = w.clone();
+        move || run(&w, Duration::from_millis(1500), false)
+    });
+    println!("control run, engine sequence only (no gate): {control:?}");
+
+    assert!(gated.ops > 100, "the mutator barely ran: {gated:?}");
+    assert!(
+        gated.commits > 100,
+        "the filler barely committed: {gated:?}"
+    );
+    assert!(
+        gated.collisions > 0,
+        "no fill ever collided with an unmap: the test did not race ({gated:?})"
+    );
+    assert_eq!(gated.stale_commits, 0, "{gated:?}");
+    assert_eq!(gated.stale_by_pagemap_at_commit, 0, "{gated:?}");
+    assert_eq!(gated.incoherent_after_delivery, 0, "{gated:?}");
+    assert_eq!(control.incoherent_after_delivery, 0, "{control:?}");
+}
