@@ -171,6 +171,108 @@ pub(crate) struct Core {
     counters: Counters,
     inject: AtomicU8,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// A private page for the mmap_lock fence.
+    scratch: Scratch,
+}
+
+/// How long the dispatcher waits to see a REMOVE's zap begin (U4).
+const ZAP_WAIT: Duration = Duration::from_millis(2);
+/// The most pages of a REMOVE range it watches for the zap.
+const ZAP_PAGES: u64 = 512;
+
+/// What a REMOVE range looked like when its message was taken from the queue: which pages were
+/// present (and their frames, where visible). The zap that follows a REMOVE runs in the
+/// madvising thread after it re-takes `mmap_lock` for reading; once a page that was present is
+/// seen gone (or backed by another frame), that thread holds the lock or has finished, and a
+/// write-lock fence then waits for the zap to complete.
+struct ZapWatch {
+    start: u64,
+    present: Vec<(usize, Option<u64>)>,
+}
+
+impl ZapWatch {
+    fn snapshot(start: u64, end: u64) -> ZapWatch {
+        let ps = sys::page_size();
+        let pages = (end.saturating_sub(start) / ps).min(ZAP_PAGES) as usize;
+        let read = |pages| {
+            crate::pagemap::entries(start, pages)
+                .map(|es| {
+                    es.iter()
+                        .enumerate()
+                        .filter(|(_, e)| e.present())
+                        .map(|(i, e)| (i, e.pfn()))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        };
+        let present = read(pages);
+        if !present.is_empty() || pages == 0 {
+            return ZapWatch { start, present };
+        }
+        // Nothing present: nothing would show the zap. Make the first page present without
+        // changing its contents (a read fault maps the zero page or the file's page); the zap
+        // clears it first, and the fence waits for the rest.
+        const MADV_POPULATE_READ: i32 = 22;
+        // SAFETY: populating for reading changes no contents; on a hole it fails harmlessly.
+        unsafe { libc::madvise(start as *mut libc::c_void, ps as usize, MADV_POPULATE_READ) };
+        ZapWatch {
+            start,
+            present: read(1),
+        }
+    }
+
+    /// Waits (at most [`ZAP_WAIT`]) until every page that was present is gone or re-backed.
+    /// Returns whether the zap was seen. MADV_FREE leaves pages mapped, so it runs to the
+    /// bound; nothing can go stale there until reclaim (a blind spot of its own).
+    fn wait_for_zap(&self) -> bool {
+        let Some(&(last, _)) = self.present.last() else {
+            return false;
+        };
+        let deadline = Instant::now() + ZAP_WAIT;
+        loop {
+            if let Ok(now) = crate::pagemap::entries(self.start, last + 1) {
+                let zapped = self.present.iter().all(|&(i, pfn)| {
+                    let e = now[i];
+                    !e.present() || (pfn.is_some() && e.pfn() != pfn)
+                });
+                if zapped {
+                    return true;
+                }
+            } else {
+                return false;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::yield_now();
+        }
+    }
+}
+
+/// A private anonymous page owned by the watcher, unmapped on drop.
+struct Scratch(usize);
+
+impl Scratch {
+    fn new() -> Result<Scratch> {
+        // SAFETY: a fresh private anonymous page at an address of the kernel's choosing.
+        let p = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                sys::page_size() as usize,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::PRIVATE,
+            )
+        }
+        .map_err(|e| Error::syscall("mmap", e))?;
+        Ok(Scratch(p as usize))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // SAFETY: the page was mapped by `Scratch::new` and nothing else refers to it.
+        unsafe { libc::munmap(self.0 as *mut libc::c_void, sys::page_size() as usize) };
+    }
 }
 
 impl std::fmt::Debug for Core {
@@ -537,6 +639,7 @@ impl Core {
             counters: Counters::default(),
             inject: AtomicU8::new(INJECT_NONE),
             threads: Mutex::new(Vec::new()),
+            scratch: Scratch::new()?,
         });
         // The reader must be running (its buffer allocated, its thread set up) before anything
         // is registered: with EVENT_FORK a fork would otherwise wait for a reader that is still
@@ -599,12 +702,21 @@ impl Core {
     }
 
     fn deliver(&self, start: u64, end: u64, event: Event) {
+        self.deliver_then(start, end, event, || {});
+    }
+
+    /// Delivers one invalidation; `before_end` runs between the start (every callback done)
+    /// and the end (overlapping `read_begin`s wait until then).
+    fn deliver_then(&self, start: u64, end: u64, event: Event, before_end: impl FnOnce()) {
         let Ok(range) = Range::new(start, end) else {
             return;
         };
         let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
             match self.mm.invalidate_start(range, event) {
-                Ok(guard) => guard.end(),
+                Ok(guard) => {
+                    before_end();
+                    guard.end()
+                }
                 Err(e) => {
                     tracing::warn!(target: "mmnotify_uffd", %e, "invalidation refused");
                 }
@@ -621,13 +733,38 @@ impl Core {
     fn deliver_msg(&self, msg: Msg) {
         match msg {
             Msg::Unmap { start, end } => self.deliver(start, end, Event::Unmap),
-            Msg::Remove { start, end } => self.deliver(start, end, Event::Clear),
+            // REMOVE is sent before the zap, which madvise performs after re-taking
+            // mmap_lock for reading once the message was read. Keep the invalidation open
+            // across a write-lock fence so that fills starting after it see the zapped
+            // range (U4 in docs/SEMANTICS.md, with its residual window).
+            Msg::Remove { start, end } => {
+                let before = ZapWatch::snapshot(start, end);
+                self.deliver_then(start, end, Event::Clear, || {
+                    before.wait_for_zap();
+                    self.mmap_lock_fence();
+                })
+            }
             Msg::Remap { from, len, .. } => {
                 self.deliver(from, from.saturating_add(len), Event::Unmap)
             }
             Msg::Fork { .. } => self.deliver(0, u64::MAX, Event::ProtectionPage),
             Msg::Other { .. } => {}
         }
+    }
+
+    /// Waits until every thread that holds this process's `mmap_lock` for reading has released
+    /// it, by taking it for writing: `mprotect` of a private scratch page (which changes
+    /// nothing and sends no event) takes the write lock first.
+    fn mmap_lock_fence(&self) {
+        // SAFETY: the scratch page is ours, mapped read-write for the life of the Core;
+        // re-applying the same protection changes nothing.
+        unsafe {
+            libc::mprotect(
+                self.scratch.0 as *mut libc::c_void,
+                sys::page_size() as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
     }
 
     fn count(&self, msg: &Msg) {
