@@ -24,6 +24,7 @@ fn watcher() -> Watcher {
 
 #[test]
 fn unaligned_empty_and_overflowing_ranges_are_typed_errors() {
+    let _serial = serial();
     let w = watcher();
     let p = map_anon(2) as u64;
     let ps = ps() as u64;
@@ -49,6 +50,7 @@ fn unaligned_empty_and_overflowing_ranges_are_typed_errors() {
 
 #[test]
 fn unmapped_ranges_and_holes_are_reported() {
+    let _serial = serial();
     let w = watcher();
     let p = map_anon(6);
     // SAFETY: carving holes into our own region.
@@ -77,6 +79,7 @@ fn unmapped_ranges_and_holes_are_reported() {
 
 #[test]
 fn special_mappings_are_typed_refusals() {
+    let _serial = serial();
     let w = watcher();
     let v = maps::read_self().unwrap();
     let mut seen = 0;
@@ -109,6 +112,7 @@ static STAMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0
 
 #[test]
 fn file_mappings_private_watch_and_read_only_shared_is_refused() {
+    let _serial = serial();
     use std::os::fd::AsRawFd;
     let w = watcher();
     let path = temp_file(2);
@@ -160,6 +164,7 @@ fn file_mappings_private_watch_and_read_only_shared_is_refused() {
 
 #[test]
 fn memory_owned_by_another_userfaultfd_is_a_typed_error() {
+    let _serial = serial();
     let w = watcher();
     let p = map_anon(2) as u64;
     // A second userfaultfd of this process, with no events, registers the region first.
@@ -189,6 +194,7 @@ fn memory_owned_by_another_userfaultfd_is_a_typed_error() {
 
 #[test]
 fn watching_twice_is_reported_and_loses_nothing() {
+    let _serial = serial();
     let w = watcher();
     let r = mirror_region(&w, map_anon(3) as u64, 3);
     let again = w.watch(r.addr, r.len() as u64).unwrap();
@@ -211,6 +217,7 @@ fn watching_twice_is_reported_and_loses_nothing() {
 
 #[test]
 fn conflicting_options_and_bad_intervals_are_typed_errors() {
+    let _serial = serial();
     let w = watcher();
     let other = WatcherOptions {
         fork_events: ForkEvents::IfPermitted,
