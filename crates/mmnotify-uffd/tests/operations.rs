@@ -739,3 +739,72 @@ fn blind_spot_guard_pages_without_and_with_the_wrapper() {
         "only the page guarded without the wrapper is left"
     );
 }
+
+#[test]
+fn blind_spot_shm_remap_over_watched_memory_is_a_documented_miss() {
+    let _serial = serial();
+    let w = watcher();
+    let r = mirror_region(&w, map_anon(2) as u64, 2);
+    // SAFETY: a private segment attached over our own region with SHM_REMAP.
+    let p = unsafe {
+        let id = libc::shmget(libc::IPC_PRIVATE, 2 * ps(), libc::IPC_CREAT | 0o600);
+        assert!(id >= 0);
+        let p = libc::shmat(id, r.ptr(), libc::SHM_REMAP);
+        libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut());
+        p
+    };
+    assert_eq!(p, r.ptr(), "{}", std::io::Error::last_os_error());
+    stamp_all(p as *mut u8, 2);
+    r.sync(&w);
+    assert!(r.mirror.events().is_empty(), "{:?}", r.mirror.events());
+    assert_eq!(r.mirror.incoherent().len(), 2, "the documented miss");
+    // The new attach is not registered: watching it again covers it from now on.
+    assert_eq!(w.watch(r.addr, r.len() as u64).unwrap().newly_watched(), 1);
+    // SAFETY: detaching through the wrapper.
+    unsafe { w.shmdt(p) }.unwrap();
+    r.sync(&w);
+    assert_eq!(r.mirror.len(), 0);
+}
+
+#[test]
+fn blind_spot_copy_on_write_after_fork_is_a_documented_miss() {
+    let _serial = serial();
+    if !mmnotify_uffd::pagemap::pfns_visible() {
+        eprintln!("needs visible PFNs (root): a content judge cannot tell a copy from the page");
+        return;
+    }
+    let w = watcher();
+    let r = mirror_region(&w, map_anon(1) as u64, 1);
+    let mut fds = [0i32; 2];
+    // SAFETY: a pipe to hold the child until the parent has written.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: the child only blocks on the pipe and exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let mut b = [0u8; 1];
+        // SAFETY: async-signal-safe calls only.
+        unsafe {
+            libc::close(fds[1]);
+            libc::read(fds[0], b.as_mut_ptr() as *mut c_void, 1);
+            libc::_exit(0);
+        }
+    }
+    // The parent writes: the page is shared with the child, so the write copies it.
+    // SAFETY: the parent's own page.
+    unsafe { std::ptr::write_volatile(r.addr as *mut u64, 0xC0FFEE) };
+    r.sync(&w);
+    let stale = r.mirror.incoherent();
+    // SAFETY: releasing and reaping the child.
+    unsafe {
+        libc::close(fds[1]);
+        libc::close(fds[0]);
+        let mut st = 0;
+        libc::waitpid(pid, &mut st, 0);
+    }
+    assert!(r.mirror.events().is_empty(), "{:?}", r.mirror.events());
+    assert_eq!(
+        stale.len(),
+        1,
+        "the documented miss: the frame changed, no event"
+    );
+}
