@@ -75,7 +75,7 @@ mod vma;
 
 pub use clock::{Clock, RealClock, SimClock};
 pub use error::SimError;
-pub use frames::{FrameId, Frames};
+pub use frames::{CacheObject, FrameId, Frames};
 pub use mm::{
     MigrateReport, ReapPass, ReclaimReport, SimMm, SubscriberKind, SubscriberReport, Task,
     MMAP_BASE,
@@ -91,8 +91,8 @@ pub use scenario::{
     StepReport, UnknownScenario,
 };
 pub use secondary::{
-    FaultOutcome, GruLike, Hang, HmmMirror, KvmLike, NouveauLike, SecondaryMmu, ShadowEntry,
-    ShadowTable, SvaLike, WaitOutcome,
+    FaultOutcome, GruLike, GuestAccess, Hang, HmmMirror, KvmLike, NouveauLike, SecondaryMmu,
+    ShadowEntry, ShadowTable, SvaLike, WaitOutcome,
 };
 pub use trace::{
     CountsHandle, RecordedCounts, RecordingInterval, RecordingSubscriber, TraceEvent, TraceKind,
