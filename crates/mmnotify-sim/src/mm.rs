@@ -818,7 +818,7 @@ impl SimMm {
         self.op("migrate", start, end);
         let mut report = MigrateReport::default();
         for piece in pieces {
-            let (movable, skipped): (Vec<(u64, Pte)>, Vec<(u64, Pte)>) = {
+            let (movable, skipped): (Vec<_>, Vec<_>) = {
                 let state = self.state.lock();
                 let frames = self.frames.lock();
                 state
