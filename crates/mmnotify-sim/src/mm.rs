@@ -32,6 +32,7 @@
 //! not call an operation of the same `SimMm` (it would wait for the mmap lock its own caller
 //! holds); reading the page table ([`SimMm::lookup`]) is fine.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use mmnotify::{
@@ -56,6 +57,9 @@ pub const MMAP_BASE: u64 = 0x1000_0000;
 pub(crate) struct State {
     pub(crate) vmas: VmaSet,
     pub(crate) pt: PageTable,
+    /// Swap entries: the word of each private page that reclaim evicted, by virtual page,
+    /// until a fault swaps it back in or the page is zapped.
+    swap: BTreeMap<u64, u64>,
     exited: bool,
     oom_skip: bool,
     unstable: bool,
@@ -409,8 +413,10 @@ impl SimMm {
         Ok(result)
     }
 
-    /// Removes the entries of pages `[first, end)` and drops their frame references.
+    /// Removes the entries (and swap entries) of pages `[first, end)` and drops their frame
+    /// references.
     fn zap(state: &mut State, frames: &mut Frames, first: u64, end: u64) -> usize {
+        state.swap.retain(|vpn, _| *vpn < first || *vpn >= end);
         let removed = state.pt.remove_range(first, end);
         for (_, pte) in &removed {
             frames.put(pte.frame);
@@ -667,6 +673,9 @@ impl SimMm {
             child_state.vmas.insert(vma);
             let (first, end) = (vpn_of(vma.start), vpn_of(vma.end));
             let copy = |state: &mut State, frames: &mut Frames, child: &mut State| {
+                child
+                    .swap
+                    .extend(state.swap.range(first..end).map(|(v, w)| (*v, *w)));
                 for (vpn, pte) in state.pt.range(first, end) {
                     frames.get(pte.frame);
                     let writable = pte.writable && !vma.is_cow_mapping();
@@ -771,6 +780,15 @@ impl SimMm {
             let delta = vpn_of(new_start).wrapping_sub(vpn_of(old_start));
             for (vpn, pte) in state.pt.remove_range(vpn_of(old_start), vpn_of(old_end)) {
                 state.pt.set(vpn.wrapping_add(delta), pte);
+            }
+            let swapped: Vec<(u64, u64)> = state
+                .swap
+                .range(vpn_of(old_start)..vpn_of(old_end))
+                .map(|(v, w)| (*v, *w))
+                .collect();
+            for (vpn, word) in swapped {
+                state.swap.remove(&vpn);
+                state.swap.insert(vpn.wrapping_add(delta), word);
             }
         })?;
         Ok(new_start)
@@ -878,7 +896,8 @@ impl SimMm {
     /// One reclaim pass over `[addr, addr + len)`, like `madvise(MADV_PAGEOUT)`: for each
     /// populated page, the primary accessed bit is tested and cleared and the secondary MMUs
     /// are asked through [`Mm::clear_flush_young`]; a page that neither found young is evicted
-    /// with its own `Clear`. Two passes with an access in between show page aging. The zero
+    /// with its own `Clear` (a private page goes to swap and comes back with its word on the
+    /// next fault; a page-cache page stays cached). Two passes with an access in between show page aging. The zero
     /// page is not on any LRU list and is never scanned. As every `madvise`, a hole does not
     /// stop the pass: every mapped page is scanned, then the call fails.
     ///
@@ -920,7 +939,17 @@ impl SimMm {
                 report.referenced_secondary.push(vpn);
             } else {
                 self.invalidate(range, Event::Clear, |state, frames| {
+                    // A private page goes to swap with its word; a page-cache page stays in
+                    // the cache.
+                    let swapped = state
+                        .pt
+                        .get(vpn)
+                        .filter(|pte| !frames.is_page_cache(pte.frame))
+                        .map(|pte| frames.read(pte.frame));
                     Self::zap(state, frames, vpn, vpn + 1);
+                    if let Some(word) = swapped {
+                        state.swap.insert(vpn, word);
+                    }
                 })?;
                 report.evicted.push(vpn);
             }
@@ -1005,7 +1034,14 @@ impl SimMm {
             None => {
                 let mut state = self.state.lock();
                 let mut frames = self.frames.lock();
+                let swapped = state.swap.remove(&vpn);
                 let (frame, writable) = match (vma.cache_page(addr), vma.sharing, write) {
+                    // A private page reclaim swapped out: swapped back in with its word.
+                    _ if swapped.is_some() => {
+                        let frame = frames.alloc();
+                        frames.write(frame, swapped.unwrap_or_default());
+                        (frame, vma.prot.write)
+                    }
                     (None, _, false) => (FrameId::ZERO, false),
                     (None, _, true) => (frames.alloc(), vma.prot.write),
                     (Some((object, index)), Sharing::Shared, _) => {

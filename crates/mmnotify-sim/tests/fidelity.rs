@@ -13,7 +13,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -236,6 +236,13 @@ fn migrate_and_reclaim_over_a_hole_do_what_linux_does_before_failing() {
         assert!(sim.lookup(base + page * P).is_none(), "page {page} evicted");
         assert_eq!(kvm.guest_read(&sim, base + page * P), None);
     }
+    // Evicted private pages went to swap: they come back with their words.
+    for page in [0, 1, 3, 4] {
+        assert_eq!(
+            kvm.guest_load(&sim, base + page * P).unwrap(),
+            GuestAccess::Faulted(300 + page)
+        );
+    }
     assert_coherent(&sim, &[&*kvm]);
 }
 
@@ -346,30 +353,42 @@ fn map_fixed_replaces_live_memory_in_one_step() {
 fn map_fixed_never_exposes_a_hole() {
     let sim = Arc::new(SimMm::new(Policy::Exact));
     let a = sim.mmap_anon(2 * P).unwrap();
+    let faults = Arc::new(AtomicU32::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
-        let (sim, stop) = (Arc::clone(&sim), Arc::clone(&stop));
+        let (sim, faults, stop) = (Arc::clone(&sim), Arc::clone(&faults), Arc::clone(&stop));
         std::thread::spawn(move || {
-            let mut faults = 0u32;
             while !stop.load(Ordering::Relaxed) {
-                sim.fault(a, Access::Read)
+                sim.fault(a + P, Access::Read)
                     .expect("the range is always mapped");
-                faults += 1;
+                faults.fetch_add(1, Ordering::Relaxed);
             }
-            faults
         })
     };
-    for i in 0..200 {
-        let prot = if i % 2 == 0 {
+    // Replace until the reader has faulted a few hundred times in between (bounded; the
+    // writer yields so that the reader gets the lock on a busy machine).
+    let mut replaced = 0u32;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let faults_before = faults.load(Ordering::Relaxed);
+    let interleaved =
+        |replaced: u32| replaced >= 100 && faults.load(Ordering::Relaxed) - faults_before >= 300;
+    while !interleaved(replaced) && std::time::Instant::now() < deadline {
+        std::thread::yield_now();
+        let prot = if replaced % 2 == 0 {
             Prot::READ
         } else {
             Prot::READ_WRITE
         };
         sim.mmap_fixed(a, 2 * P, prot, Backing::Anonymous, Sharing::Private)
             .unwrap();
+        replaced += 1;
     }
     stop.store(true, Ordering::Relaxed);
-    assert!(reader.join().unwrap() > 0);
+    reader.join().expect("the reader never saw a hole");
+    assert!(
+        faults.load(Ordering::Relaxed) > faults_before && replaced > 0,
+        "the reader faulted while the range was being replaced"
+    );
 }
 
 #[test]

@@ -200,15 +200,19 @@ impl HmmMirror {
                 return Err(e.into());
             }
         };
-        let result = sim.migrate(addr, len, Some(owner));
-        // The pages that may have moved: the report's, or, if the walk stopped at a hole,
-        // every page of the range the mirror holds (its entries are re-checked below).
+        // A subscriber's panic resumed on this thread (the engine does that) must not skip
+        // the table update: the migration may have moved pages already.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            sim.migrate(addr, len, Some(owner))
+        }));
+        // The pages that may have moved: the report's, or, if the walk stopped at a hole (or
+        // panicked), every page of the range the mirror holds (its entries are re-checked).
         let end = addr.saturating_add(len);
         let mut table = self.state.table.lock();
         let collided = self.handle.read_retry(seq);
-        let candidates: Vec<u64> = match &result {
-            Ok(report) => report.moved.iter().map(|(vpn, _, _)| *vpn).collect(),
-            Err(_) => table
+        let candidates: Vec<u64> = match &outcome {
+            Ok(Ok(report)) => report.moved.iter().map(|(vpn, _, _)| *vpn).collect(),
+            _ => table
                 .entries()
                 .into_iter()
                 .map(|(vpn, _)| vpn)
@@ -232,7 +236,10 @@ impl HmmMirror {
             }
         }
         drop(table);
-        result
+        match outcome {
+            Ok(result) => result,
+            Err(payload) => std::panic::resume_unwind(payload),
+        }
     }
 
     /// The interval handle (for `read_begin`, or removal through the `Mm`).
