@@ -6,16 +6,27 @@
 //! | operation                         | event (range)                                        | Linux producer                    |
 //! |-----------------------------------|------------------------------------------------------|-----------------------------------|
 //! | [`mmap`](SimMm::mmap)             | none (nothing mapped yet)                            |                                   |
-//! | [`munmap`](SimMm::munmap)         | `Unmap` (the unmapped span)                          | `unmap_vmas`                      |
+//! | [`mmap_fixed`](SimMm::mmap_fixed) | `Unmap` (the new range) if it replaces live memory   | `mmap_region` → `unmap_vmas`      |
+//! | [`munmap`](SimMm::munmap)         | `Unmap` (the requested range, holes included)        | `unmap_vmas`                      |
 //! | [`madvise_dontneed`](SimMm::madvise_dontneed) | `Clear` (per VMA piece)                  | `zap_page_range_single`           |
-//! | [`mprotect`](SimMm::mprotect)     | `ProtectionVma` (only if a page is populated)        | `change_pmd_range` (lazy start)   |
+//! | [`mprotect`](SimMm::mprotect)     | `ProtectionVma` (per VMA piece with a populated page)| `change_pmd_range` (lazy start)   |
 //! | [`fork`](SimMm::fork)             | `ProtectionPage` on each parent COW VMA with pages   | `copy_page_range`                 |
-//! | a write fault on a COW page       | `Clear` (one page)                                   | `wp_page_copy`                    |
-//! | [`mremap`](SimMm::mremap)         | `Unmap` (the old range)                              | `move_page_tables`                |
-//! | [`migrate`](SimMm::migrate)       | `Clear`, or `Migrate { owner }` for a device         | `try_to_migrate_one`, `migrate_vma_collect` |
+//! | a write fault on a COW or zero page | `Clear` (one page)                                 | `wp_page_copy`                    |
+//! | [`mremap`](SimMm::mremap)         | `Unmap` (a live destination), `Unmap` (the old range) | `do_munmap`, `move_page_tables`  |
+//! | [`migrate`](SimMm::migrate)       | `Clear` per page, or `Migrate { owner }` per VMA piece for a device | `try_to_migrate_one`, `migrate_vma_collect` |
 //! | [`reclaim`](SimMm::reclaim)       | `clear_flush_young` per page; `Clear` per evicted page | `folio_referenced`, `try_to_unmap_one` |
 //! | [`exit`](SimMm::exit)             | `Mm::release`, then `Unmap` per VMA                  | `exit_mmap`                       |
 //! | the OOM reaper                    | non-blocking `Unmap` per private VMA                 | `__oom_reap_task_mm`              |
+//!
+//! Calls over a range with a hole behave as Linux's: `munmap` does not care; `madvise`
+//! (DONTNEED, and `reclaim` like PAGEOUT) handles every mapped piece, then fails with the hole
+//! (ENOMEM); `mprotect` and `migrate` handle the pieces before the hole, then fail; `mremap`
+//! refuses before changing anything.
+//!
+//! Pages hold one word each ([`Task::load`], [`Task::store`]). A read fault on untouched
+//! private anonymous memory maps the shared zero page ([`FrameId::ZERO`]) read-only; shared
+//! anonymous memory is one shmem object, shared across fork; reclaimed private pages go to
+//! swap and come back with their word.
 //!
 //! Wherever the primary TLB of a range is flushed (after the entries changed, inside the
 //! window), the simulator also calls [`Mm::arch_invalidate_secondary_tlbs`].

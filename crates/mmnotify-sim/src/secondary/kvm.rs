@@ -12,6 +12,10 @@
 //!   waits (the vCPU re-enters the guest).
 //! * **young**: each SPTE has an accessed bit, set by faults and guest accesses, tested and
 //!   cleared by `clear_flush_young`.
+//! * **guest**: loads and stores go through the SPTEs ([`KvmLike::guest_read`],
+//!   [`KvmLike::guest_write`]); a missing SPTE, or a store to a read-only one (the zero page,
+//!   a write-protected page), is an EPT violation that KVM's fault path must resolve
+//!   ([`KvmLike::guest_load`], [`KvmLike::guest_store`]).
 //!
 //! A start without its end leaves `in_progress` raised: every fault in the range retries
 //! forever and [`KvmLike::update_memslots`] waits forever (bounded here, reported as a hang).
