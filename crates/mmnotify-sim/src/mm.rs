@@ -140,9 +140,8 @@ impl SubscriberReport {
 pub struct MigrateReport {
     /// `(vpn, old frame, new frame)` for every moved page.
     pub moved: Vec<(u64, FrameId, FrameId)>,
-    /// Populated pages left in place: another mapping or the page cache also references them,
-    /// the zero page (the kernel's migration), or pages outside private anonymous memory (a
-    /// device's migration).
+    /// Populated pages left in place: page-cache pages (file or shmem), pages another mapping
+    /// also references, and the zero page (the kernel's migration).
     pub skipped: Vec<u64>,
 }
 
@@ -813,12 +812,13 @@ impl SimMm {
     ///   page is not migrated;
     /// * a device's migration (`Some(owner)`: `migrate_vma_setup`) fires one
     ///   `Migrate { owner }` over each VMA piece, as `migrate_vma_collect` does, and moves only
-    ///   private anonymous pages (a zero page becomes a fresh zeroed frame, writable if the VMA
-    ///   is); pages of shared or file VMAs stay where they are, as Linux's `migrate_vma_pages`
-    ///   leaves them.
+    ///   anonymous pages: private anonymous memory and the copy-on-write copies in private
+    ///   file mappings (a zero page becomes a fresh zeroed frame, writable if the VMA is);
+    ///   page-cache pages (shared or private file, shmem) stay where they are, as Linux's
+    ///   `migrate_vma_pages` leaves them.
     ///
-    /// Pages another mapping or the page cache also references are skipped (the simulator has
-    /// no reverse map). Unpopulated pages stay unpopulated.
+    /// Pages of the page cache, or that another mapping also references, are skipped (the
+    /// simulator has no reverse map). Unpopulated pages stay unpopulated.
     ///
     /// # Errors
     ///
@@ -855,12 +855,13 @@ impl SimMm {
                     .range(vpn_of(piece.start), vpn_of(piece.end))
                     .into_iter()
                     .partition(|(_, pte)| {
+                        // Only anonymous pages move: page-cache (file and shmem) pages stay, as
+                        // in Linux's `migrate_vma_pages`; the kernel's own migration does not
+                        // move the zero page, a device's replaces it with a zeroed page.
                         if pte.frame.is_zero_page() {
-                            owner.is_some() && piece.is_private_anonymous()
+                            owner.is_some()
                         } else {
-                            (owner.is_none() || piece.is_private_anonymous())
-                                && frames.refcount(pte.frame) == 1
-                                && !frames.is_page_cache(pte.frame)
+                            frames.refcount(pte.frame) == 1 && !frames.is_page_cache(pte.frame)
                         }
                     })
             };

@@ -214,15 +214,6 @@ impl Vma {
         }
     }
 
-    /// Whether the VMA is private anonymous memory (the only memory that maps the zero page
-    /// and that a device migration takes).
-    pub const fn is_private_anonymous(&self) -> bool {
-        matches!(
-            (self.backing, self.sharing),
-            (Backing::Anonymous, Sharing::Private)
-        )
-    }
-
     /// The part of the VMA in `[start, end)`, or `None` if they do not overlap.
     pub fn clip(&self, start: u64, end: u64) -> Option<Vma> {
         let s = self.start.max(start);

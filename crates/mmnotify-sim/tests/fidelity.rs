@@ -9,7 +9,7 @@
 //! * The zero page: read faults map it read-only; the first write copies it under `Clear`.
 //! * Shared anonymous memory is one object across fork.
 //! * Device migrations: a mirror ignores the invalidation of its own migration; migration to
-//!   device memory takes private anonymous pages only.
+//!   device memory takes anonymous pages only (no page-cache page: file or shmem).
 
 mod common;
 
@@ -570,7 +570,7 @@ fn hmm_mirror_ignores_its_own_migration_only() {
 }
 
 #[test]
-fn device_migration_takes_private_anonymous_pages_only() {
+fn device_migration_takes_anonymous_pages_only() {
     let sim = SimMm::new(Policy::Exact);
     let rec = Recorder::new();
     sim.register("rec", rec.clone()).unwrap();
@@ -617,18 +617,28 @@ fn device_migration_takes_private_anonymous_pages_only() {
             .collect::<Vec<_>>()
     );
     let moved: Vec<u64> = report.moved.iter().map(|(vpn, _, _)| *vpn).collect();
+    let private_file = base + 6 * P;
     assert_eq!(
         moved,
-        vec![mmnotify_sim::vpn_of(base), mmnotify_sim::vpn_of(base + P)],
-        "the private anonymous page and its zero page"
+        vec![
+            mmnotify_sim::vpn_of(base),
+            mmnotify_sim::vpn_of(base + P),
+            mmnotify_sim::vpn_of(private_file)
+        ],
+        "the private anonymous page, its zero page, and the private file mapping's \
+         copy-on-write copy (an anonymous page)"
     );
     let after = sim.page_table();
     assert_eq!(
-        before[2..],
-        after[2..],
-        "shared, file and private file pages stay"
+        before[2..6],
+        after[2..6],
+        "shared anonymous (shmem) and shared file pages stay"
     );
-    assert_eq!(report.skipped.len(), 6);
+    assert_eq!(
+        before[7], after[7],
+        "the private file mapping's page-cache page stays"
+    );
+    assert_eq!(report.skipped.len(), 5);
     // The zero page became a device page of its own, writable as the VMA is.
     let zero_moved = sim.lookup(base + P).unwrap();
     assert!(!zero_moved.frame.is_zero_page() && zero_moved.writable);

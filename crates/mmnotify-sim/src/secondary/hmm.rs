@@ -12,7 +12,7 @@
 //!   straddling an ignored migration would commit the page it moved away). A read fault on untouched private anonymous memory mirrors the
 //!   zero page read-only, so the device's first write faults again and copies it.
 //! * **migrate to device** ([`HmmMirror::migrate_to_device`], `dmirror_migrate_to_device`):
-//!   `read_begin`, migrate with the device's owner (private anonymous pages only), then under
+//!   `read_begin`, migrate with the device's owner (anonymous pages only), then under
 //!   the mirror lock map the moved pages, unless another invalidation collided, in which case
 //!   the moved pages' entries are dropped and left to the next fault.
 //!
