@@ -87,6 +87,12 @@ pub enum SimError {
         /// The address.
         addr: u64,
     },
+    /// A device migration was asked of a mirror that has no device memory (no owner).
+    #[error("{mirror} has no device memory to migrate to; attach it with a device owner")]
+    NoDeviceMemory {
+        /// The mirror.
+        mirror: String,
+    },
     /// The process exited; its address space is gone.
     #[error("the process exited; its address space is gone")]
     Exited,

@@ -12,10 +12,12 @@
 //! # The pieces
 //!
 //! * [`SimMm`] (`mm.rs`): VMAs (`vma.rs`), a page table with young and dirty bits
-//!   (`page_table.rs`), a frame allocator with reference counts and a page cache (`frames.rs`),
-//!   and tasks that fault pages in. `mmap`, `munmap`, `madvise(DONTNEED)`, `mprotect`, `fork`
-//!   with copy-on-write, `mremap`, migration, reclaim with page aging and `exit` each bracket
-//!   their change with the event Linux fires (the table is in [`SimMm`]'s module docs), and
+//!   (`page_table.rs`), a frame allocator with reference counts, one word of contents per
+//!   frame, the shared zero page and a page cache for files and shmem (`frames.rs`), and tasks
+//!   that load and store. `mmap` (also `MAP_FIXED`), `munmap`, `madvise(DONTNEED)`,
+//!   `mprotect`, `fork` with copy-on-write, `mremap`, migration, reclaim with page aging and
+//!   swap, and `exit` each bracket their change with the event Linux fires, piece by piece
+//!   over ranges with holes as Linux does (the table is in [`SimMm`]'s module docs), and
 //!   flush the secondary TLBs where the primary TLB is flushed.
 //! * The OOM reaper (`oom_reaper.rs`): [`OomReaper`] walks the VMAs with non-blocking starts,
 //!   skips refused VMAs with neither unmap nor end, retries ten times 100 ms apart on a
@@ -75,7 +77,7 @@ mod vma;
 
 pub use clock::{Clock, RealClock, SimClock};
 pub use error::SimError;
-pub use frames::{FrameId, Frames};
+pub use frames::{CacheObject, FrameId, Frames};
 pub use mm::{
     MigrateReport, ReapPass, ReclaimReport, SimMm, SubscriberKind, SubscriberReport, Task,
     MMAP_BASE,
@@ -91,8 +93,8 @@ pub use scenario::{
     StepReport, UnknownScenario,
 };
 pub use secondary::{
-    FaultOutcome, GruLike, Hang, HmmMirror, KvmLike, NouveauLike, SecondaryMmu, ShadowEntry,
-    ShadowTable, SvaLike, WaitOutcome,
+    FaultOutcome, GruLike, GuestAccess, Hang, HmmMirror, KvmLike, NouveauLike, SecondaryMmu,
+    ShadowEntry, ShadowTable, SvaLike, WaitOutcome,
 };
 pub use trace::{
     CountsHandle, RecordedCounts, RecordingInterval, RecordingSubscriber, TraceEvent, TraceKind,

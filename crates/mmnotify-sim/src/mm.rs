@@ -6,16 +6,27 @@
 //! | operation                         | event (range)                                        | Linux producer                    |
 //! |-----------------------------------|------------------------------------------------------|-----------------------------------|
 //! | [`mmap`](SimMm::mmap)             | none (nothing mapped yet)                            |                                   |
-//! | [`munmap`](SimMm::munmap)         | `Unmap` (the unmapped span)                          | `unmap_vmas`                      |
+//! | [`mmap_fixed`](SimMm::mmap_fixed) | `Unmap` (the new range) if it replaces live memory   | `mmap_region` → `unmap_vmas`      |
+//! | [`munmap`](SimMm::munmap)         | `Unmap` (the requested range, holes included)        | `unmap_vmas`                      |
 //! | [`madvise_dontneed`](SimMm::madvise_dontneed) | `Clear` (per VMA piece)                  | `zap_page_range_single`           |
-//! | [`mprotect`](SimMm::mprotect)     | `ProtectionVma` (only if a page is populated)        | `change_pmd_range` (lazy start)   |
+//! | [`mprotect`](SimMm::mprotect)     | `ProtectionVma` (per VMA piece with a populated page)| `change_pmd_range` (lazy start)   |
 //! | [`fork`](SimMm::fork)             | `ProtectionPage` on each parent COW VMA with pages   | `copy_page_range`                 |
-//! | a write fault on a COW page       | `Clear` (one page)                                   | `wp_page_copy`                    |
-//! | [`mremap`](SimMm::mremap)         | `Unmap` (the old range)                              | `move_page_tables`                |
-//! | [`migrate`](SimMm::migrate)       | `Clear`, or `Migrate { owner }` for a device         | `try_to_migrate_one`, `migrate_vma_collect` |
+//! | a write fault on a COW or zero page | `Clear` (one page)                                 | `wp_page_copy`                    |
+//! | [`mremap`](SimMm::mremap)         | `Unmap` (a live destination), `Unmap` (the old range) | `do_munmap`, `move_page_tables`  |
+//! | [`migrate`](SimMm::migrate)       | `Clear` per page, or `Migrate { owner }` per VMA piece for a device | `try_to_migrate_one`, `migrate_vma_collect` |
 //! | [`reclaim`](SimMm::reclaim)       | `clear_flush_young` per page; `Clear` per evicted page | `folio_referenced`, `try_to_unmap_one` |
 //! | [`exit`](SimMm::exit)             | `Mm::release`, then `Unmap` per VMA                  | `exit_mmap`                       |
-//! | the OOM reaper                    | non-blocking `Unmap` per anonymous or private VMA    | `__oom_reap_task_mm`              |
+//! | the OOM reaper                    | non-blocking `Unmap` per private VMA                 | `__oom_reap_task_mm`              |
+//!
+//! Calls over a range with a hole behave as Linux's: `munmap` does not care; `madvise`
+//! (DONTNEED, and `reclaim` like PAGEOUT) handles every mapped piece, then fails with the hole
+//! (ENOMEM); `mprotect` and `migrate` handle the pieces before the hole, then fail; `mremap`
+//! refuses before changing anything.
+//!
+//! Pages hold one word each ([`Task::load`], [`Task::store`]). A read fault on untouched
+//! private anonymous memory maps the shared zero page ([`FrameId::ZERO`]) read-only; shared
+//! anonymous memory is one shmem object, shared across fork; reclaimed private pages go to
+//! swap and come back with their word.
 //!
 //! Wherever the primary TLB of a range is flushed (after the entries changed, inside the
 //! window), the simulator also calls [`Mm::arch_invalidate_secondary_tlbs`].
@@ -32,6 +43,7 @@
 //! not call an operation of the same `SimMm` (it would wait for the mmap lock its own caller
 //! holds); reading the page table ([`SimMm::lookup`]) is fine.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use mmnotify::{
@@ -56,6 +68,9 @@ pub const MMAP_BASE: u64 = 0x1000_0000;
 pub(crate) struct State {
     pub(crate) vmas: VmaSet,
     pub(crate) pt: PageTable,
+    /// Swap entries: the word of each private page that reclaim evicted, by virtual page,
+    /// until a fault swaps it back in or the page is zapped.
+    swap: BTreeMap<u64, u64>,
     exited: bool,
     oom_skip: bool,
     unstable: bool,
@@ -125,7 +140,8 @@ impl SubscriberReport {
 pub struct MigrateReport {
     /// `(vpn, old frame, new frame)` for every moved page.
     pub moved: Vec<(u64, FrameId, FrameId)>,
-    /// Pages left in place because another mapping or the page cache also references them.
+    /// Populated pages left in place: page-cache pages (file or shmem), pages another mapping
+    /// also references, and the zero page (the kernel's migration).
     pub skipped: Vec<u64>,
 }
 
@@ -149,7 +165,7 @@ pub struct ReapPass {
     pub reaped: Vec<Range>,
     /// VMAs whose non-blocking start was refused: neither unmapped nor ended.
     pub refused: Vec<(Range, Vec<Refuser>)>,
-    /// Shared file VMAs the reaper leaves alone.
+    /// Shared VMAs (file or shmem) the reaper leaves alone.
     pub skipped: Vec<Range>,
     /// Pages unmapped.
     pub pages_unmapped: usize,
@@ -164,6 +180,17 @@ pub struct SimMm {
     frames: Arc<Mutex<Frames>>,
     log: Arc<TraceLog>,
     registry: Mutex<Vec<Registered>>,
+}
+
+/// Where [`SimMm::map`] places a mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placement {
+    /// The lowest free gap at or above [`MMAP_BASE`].
+    Anywhere,
+    /// At this address, refusing to overlap (`MAP_FIXED_NOREPLACE`).
+    FixedNoReplace(u64),
+    /// At this address, replacing what is there (`MAP_FIXED`).
+    FixedReplace(u64),
 }
 
 fn page_range(first_vpn: u64, end_vpn: u64) -> Range {
@@ -396,8 +423,10 @@ impl SimMm {
         Ok(result)
     }
 
-    /// Removes the entries of pages `[first, end)` and drops their frame references.
+    /// Removes the entries (and swap entries) of pages `[first, end)` and drops their frame
+    /// references.
     fn zap(state: &mut State, frames: &mut Frames, first: u64, end: u64) -> usize {
+        state.swap.retain(|vpn, _| *vpn < first || *vpn >= end);
         let removed = state.pt.remove_range(first, end);
         for (_, pte) in &removed {
             frames.put(pte.frame);
@@ -408,8 +437,9 @@ impl SimMm {
     // --- operations -----------------------------------------------------------------------
 
     /// Maps `len` bytes (rounded up to pages). With `addr`, the mapping is fixed and must not
-    /// overlap an existing one (`MAP_FIXED_NOREPLACE`); without, the lowest free gap at or
-    /// above [`MMAP_BASE`] is used. Fires no event. Returns the start address.
+    /// overlap an existing one (`MAP_FIXED_NOREPLACE`; [`mmap_fixed`](Self::mmap_fixed)
+    /// replaces instead); without, the lowest free gap at or above [`MMAP_BASE`] is used. Fires
+    /// no event. A shared anonymous mapping gets a new shmem object. Returns the start address.
     ///
     /// # Errors
     ///
@@ -424,6 +454,39 @@ impl SimMm {
         backing: Backing,
         sharing: Sharing,
     ) -> Result<u64, SimError> {
+        let placement = addr.map_or(Placement::Anywhere, Placement::FixedNoReplace);
+        self.map(placement, len, prot, backing, sharing)
+    }
+
+    /// `mmap(addr, len, prot, MAP_FIXED | ...)`: maps `[addr, addr + len)`, replacing whatever
+    /// is mapped there in one step, as Linux does: if any VMA overlaps the range, one `Unmap`
+    /// over the whole range brackets the zap of the old pages, the removal of the old VMAs and
+    /// the insertion of the new one, all under one hold of the mmap lock (no other task sees
+    /// the range empty). Over free space it fires nothing. Returns `addr`.
+    ///
+    /// # Errors
+    ///
+    /// As [`mmap`](Self::mmap), except [`SimError::Overlap`] and [`SimError::NoSpace`];
+    /// [`SimError::Engine`].
+    pub fn mmap_fixed(
+        &self,
+        addr: u64,
+        len: u64,
+        prot: Prot,
+        backing: Backing,
+        sharing: Sharing,
+    ) -> Result<u64, SimError> {
+        self.map(Placement::FixedReplace(addr), len, prot, backing, sharing)
+    }
+
+    fn map(
+        &self,
+        placement: Placement,
+        len: u64,
+        prot: Prot,
+        backing: Backing,
+        sharing: Sharing,
+    ) -> Result<u64, SimError> {
         let prot = prot.validate()?;
         if let Backing::File { offset, .. } = backing {
             if offset % PAGE_SIZE != 0 {
@@ -432,10 +495,12 @@ impl SimMm {
         }
         let _mmap = self.mmap_lock.lock();
         let mut state = self.locked_state()?;
-        let (start, end) = match addr {
-            Some(a) => {
+        let (start, end) = match placement {
+            Placement::FixedNoReplace(a) | Placement::FixedReplace(a) => {
                 let (start, end) = Self::check_range(a, len)?;
-                if let Some(v) = state.vmas.overlapping(start, end).first() {
+                if let (Placement::FixedNoReplace(_), Some(v)) =
+                    (placement, state.vmas.overlapping(start, end).first())
+                {
                     return Err(SimError::Overlap {
                         start,
                         end,
@@ -445,7 +510,7 @@ impl SimMm {
                 }
                 (start, end)
             }
-            None => {
+            Placement::Anywhere => {
                 let (_, end) = Self::check_range(MMAP_BASE, len)?;
                 let rounded = end - MMAP_BASE;
                 let start = state
@@ -455,15 +520,30 @@ impl SimMm {
                 (start, start + rounded)
             }
         };
-        state.vmas.insert(Vma {
+        let shmem = (backing == Backing::Anonymous && sharing == Sharing::Shared)
+            .then(|| (self.frames.lock().new_shmem(), 0));
+        let vma = Vma {
             start,
             end,
             prot,
             backing,
             sharing,
-        });
+            shmem,
+        };
+        let replaces = !state.vmas.overlapping(start, end).is_empty();
+        if !replaces {
+            state.vmas.insert(vma);
+            drop(state);
+            self.op("mmap", start, end);
+            return Ok(start);
+        }
         drop(state);
-        self.op("mmap", start, end);
+        self.op("mmap_fixed", start, end);
+        self.invalidate(Range::new(start, end)?, Event::Unmap, |state, frames| {
+            state.vmas.remove_range(start, end);
+            Self::zap(state, frames, vpn_of(start), vpn_of(end));
+            state.vmas.insert(vma);
+        })?;
         Ok(start)
     }
 
@@ -483,8 +563,9 @@ impl SimMm {
         )
     }
 
-    /// Unmaps `[addr, addr + len)`: one `Unmap` over the mapped span, if any VMA overlaps it
-    /// (unmapping a hole succeeds and fires nothing, as in Linux).
+    /// Unmaps `[addr, addr + len)`: if any VMA overlaps it, one `Unmap` over the whole range
+    /// (Linux's `unmap_vmas` covers the requested range, holes included); unmapping only holes
+    /// succeeds and fires nothing, as in Linux.
     ///
     /// # Errors
     ///
@@ -493,34 +574,33 @@ impl SimMm {
     pub fn munmap(&self, addr: u64, len: u64) -> Result<(), SimError> {
         let (start, end) = Self::check_range(addr, len)?;
         let _mmap = self.mmap_lock.lock();
-        let pieces = self.locked_state()?.vmas.overlapping(start, end);
-        let (Some(first), Some(last)) = (pieces.first(), pieces.last()) else {
+        if self.locked_state()?.vmas.overlapping(start, end).is_empty() {
             return Ok(());
-        };
-        let (span_start, span_end) = (first.start.max(start), last.end.min(end));
-        self.op("munmap", span_start, span_end);
-        let range = Range::new(span_start, span_end)?;
-        self.invalidate(range, Event::Unmap, |state, frames| {
-            state.vmas.remove_range(span_start, span_end);
-            Self::zap(state, frames, vpn_of(span_start), vpn_of(span_end));
+        }
+        self.op("munmap", start, end);
+        self.invalidate(Range::new(start, end)?, Event::Unmap, |state, frames| {
+            state.vmas.remove_range(start, end);
+            Self::zap(state, frames, vpn_of(start), vpn_of(end));
         })
     }
 
     /// `madvise(MADV_DONTNEED)`: drops the pages of `[addr, addr + len)`, one `Clear` per VMA
-    /// piece. The range must be fully mapped.
+    /// piece (`zap_page_range_single`). As Linux's `madvise_walk_vmas`, a hole does not stop
+    /// the walk: every mapped piece is dropped, and then the call fails.
     ///
     /// # Errors
     ///
-    /// [`SimError::Unmapped`] for a hole (nothing is done then), and the range errors.
+    /// [`SimError::Unmapped`] with the first hole (Linux's `ENOMEM`), after every mapped piece
+    /// was dropped; the range errors.
     pub fn madvise_dontneed(&self, addr: u64, len: u64) -> Result<(), SimError> {
         let (start, end) = Self::check_range(addr, len)?;
         let _mmap = self.mmap_lock.lock();
-        let pieces = {
+        let (pieces, hole) = {
             let state = self.locked_state()?;
-            if let Some(hole) = state.vmas.first_hole(start, end) {
-                return Err(SimError::Unmapped { addr: hole });
-            }
-            state.vmas.overlapping(start, end)
+            (
+                state.vmas.overlapping(start, end),
+                state.vmas.first_hole(start, end),
+            )
         };
         self.op("madvise_dontneed", start, end);
         for piece in pieces {
@@ -529,43 +609,57 @@ impl SimMm {
                 Self::zap(state, frames, vpn_of(s), vpn_of(e));
             })?;
         }
-        Ok(())
+        hole.map_or(Ok(()), |addr| Err(SimError::Unmapped { addr }))
     }
 
-    /// `mprotect`: sets the protection of `[addr, addr + len)` (fully mapped). Fires one
-    /// `ProtectionVma` over the range if any page in it is populated (Linux starts lazily, at
-    /// the first populated page table). Removing write clears the entries' writable bit;
-    /// `PROT_NONE` makes them inaccessible; adding write leaves them to the next write fault.
+    /// `mprotect`: sets the protection of `[addr, addr + len)`, VMA piece by VMA piece, as
+    /// Linux's `do_mprotect_pkey`: the pieces before the first hole are changed, then the call
+    /// fails (a hole at `addr` changes nothing). Each changed piece with a populated page fires
+    /// one `ProtectionVma` over the piece (Linux starts lazily, at the first populated page
+    /// table of each VMA). Removing write clears the entries' writable bit; `PROT_NONE` makes
+    /// them inaccessible; adding write leaves them to the next write fault.
     ///
     /// # Errors
     ///
-    /// [`SimError::InvalidProtection`], [`SimError::Unmapped`], and the range errors.
+    /// [`SimError::InvalidProtection`] (nothing changed); [`SimError::Unmapped`] with the first
+    /// hole (Linux's `ENOMEM`), after the pieces before it were changed; the range errors.
     pub fn mprotect(&self, addr: u64, len: u64, prot: Prot) -> Result<(), SimError> {
         let prot = prot.validate()?;
         let (start, end) = Self::check_range(addr, len)?;
         let _mmap = self.mmap_lock.lock();
-        let populated = {
-            let mut state = self.locked_state()?;
-            if let Some(hole) = state.vmas.first_hole(start, end) {
-                return Err(SimError::Unmapped { addr: hole });
-            }
-            let populated = state.pt.any_in(vpn_of(start), vpn_of(end));
-            if !populated {
-                state.vmas.protect(start, end, prot);
-            }
-            populated
+        let (pieces, hole) = {
+            let state = self.locked_state()?;
+            let hole = state.vmas.first_hole(start, end);
+            let before_hole = hole.unwrap_or(end);
+            let pieces: Vec<(u64, u64, bool)> = state
+                .vmas
+                .overlapping(start, before_hole)
+                .into_iter()
+                .map(|v| {
+                    let (s, e) = (v.start.max(start), v.end.min(before_hole));
+                    (s, e, state.pt.any_in(vpn_of(s), vpn_of(e)))
+                })
+                .collect();
+            (pieces, hole)
         };
         self.op("mprotect", start, end);
-        if populated {
-            self.invalidate(Range::new(start, end)?, Event::ProtectionVma, |state, _| {
-                state.vmas.protect(start, end, prot);
-                state.pt.update_range(vpn_of(start), vpn_of(end), |pte| {
+        for (s, e, populated) in pieces {
+            let change = |state: &mut State| {
+                state.vmas.protect(s, e, prot);
+                state.pt.update_range(vpn_of(s), vpn_of(e), |pte| {
                     pte.writable &= prot.write;
                     pte.accessible = prot.read || prot.exec;
                 });
-            })?;
+            };
+            if populated {
+                self.invalidate(Range::new(s, e)?, Event::ProtectionVma, |state, _| {
+                    change(state);
+                })?;
+            } else {
+                change(&mut self.state.lock());
+            }
         }
-        Ok(())
+        hole.map_or(Ok(()), |addr| Err(SimError::Unmapped { addr }))
     }
 
     /// `fork`: a child address space (new hub, same policy, no subscribers, same frame
@@ -589,6 +683,9 @@ impl SimMm {
             child_state.vmas.insert(vma);
             let (first, end) = (vpn_of(vma.start), vpn_of(vma.end));
             let copy = |state: &mut State, frames: &mut Frames, child: &mut State| {
+                child
+                    .swap
+                    .extend(state.swap.range(first..end).map(|(v, w)| (*v, *w)));
                 for (vpn, pte) in state.pt.range(first, end) {
                     frames.get(pte.frame);
                     let writable = pte.writable && !vma.is_cow_mapping();
@@ -607,7 +704,15 @@ impl SimMm {
                         .update_range(first, end, |pte| pte.writable = false);
                 }
             };
-            let populated = self.state.lock().pt.any_in(first, end);
+            // Only pages of their own need the write-protect: the zero page is mapped
+            // read-only already.
+            let populated = self
+                .state
+                .lock()
+                .pt
+                .range(first, end)
+                .iter()
+                .any(|(_, pte)| !pte.frame.is_zero_page());
             if vma.is_cow_mapping() && populated {
                 self.op("fork", vma.start, vma.end);
                 let range = Range::new(vma.start, vma.end)?;
@@ -625,42 +730,53 @@ impl SimMm {
     }
 
     /// `mremap(old_addr, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, new_addr)` without growth:
-    /// moves `[old_addr, old_addr + len)`, which must lie inside one VMA, to the free range at
-    /// `new_addr`, with its pages. Fires `Unmap` over the old range. Returns `new_addr`.
+    /// moves `[old_addr, old_addr + len)`, which must lie inside one VMA, to `new_addr`, with
+    /// its pages. As Linux's `MREMAP_FIXED`, whatever is mapped at the destination is unmapped
+    /// first (one `Unmap` over the destination, as `munmap` fires it); then the move fires
+    /// `Unmap` over the old range (`move_page_tables`). Returns `new_addr`.
     ///
     /// # Errors
     ///
-    /// [`SimError::Unmapped`], [`SimError::NotOneMapping`], [`SimError::Overlap`] (the
-    /// destination is in use), and the range errors.
+    /// Checked before anything changes: [`SimError::Unmapped`] (nothing at `old_addr`; Linux's
+    /// `EFAULT`), [`SimError::NotOneMapping`] (the source runs past its VMA, over a hole or
+    /// into another VMA; `EFAULT`), [`SimError::Overlap`] (source and destination overlap;
+    /// `EINVAL`), and the range errors.
     pub fn mremap(&self, old_addr: u64, len: u64, new_addr: u64) -> Result<u64, SimError> {
         let (old_start, old_end) = Self::check_range(old_addr, len)?;
         let (new_start, new_end) = Self::check_range(new_addr, len)?;
         let _mmap = self.mmap_lock.lock();
-        {
+        let destination_in_use = {
             let state = self.locked_state()?;
-            let pieces = state.vmas.overlapping(old_start, old_end);
-            if pieces.is_empty() {
-                return Err(SimError::Unmapped { addr: old_start });
-            }
-            if pieces.len() != 1 || state.vmas.first_hole(old_start, old_end).is_some() {
+            let source = *state
+                .vmas
+                .find(old_start)
+                .ok_or(SimError::Unmapped { addr: old_start })?;
+            if source.end < old_end {
                 return Err(SimError::NotOneMapping {
                     addr: old_addr,
                     len,
                 });
             }
-            let in_the_way = state.vmas.overlapping(new_start, new_end);
-            let in_the_way = in_the_way
-                .first()
-                .copied()
-                .or_else(|| (new_start < old_end && old_start < new_end).then_some(pieces[0]));
-            if let Some(v) = in_the_way {
+            if new_start < old_end && old_start < new_end {
                 return Err(SimError::Overlap {
                     start: new_start,
                     end: new_end,
-                    existing_start: v.start,
-                    existing_end: v.end,
+                    existing_start: old_start,
+                    existing_end: old_end,
                 });
             }
+            !state.vmas.overlapping(new_start, new_end).is_empty()
+        };
+        if destination_in_use {
+            self.op("munmap", new_start, new_end);
+            self.invalidate(
+                Range::new(new_start, new_end)?,
+                Event::Unmap,
+                |state, frames| {
+                    state.vmas.remove_range(new_start, new_end);
+                    Self::zap(state, frames, vpn_of(new_start), vpn_of(new_end));
+                },
+            )?;
         }
         self.op("mremap", old_start, old_end);
         self.invalidate(Range::new(old_start, old_end)?, Event::Unmap, |state, _| {
@@ -675,19 +791,40 @@ impl SimMm {
             for (vpn, pte) in state.pt.remove_range(vpn_of(old_start), vpn_of(old_end)) {
                 state.pt.set(vpn.wrapping_add(delta), pte);
             }
+            let swapped: Vec<(u64, u64)> = state
+                .swap
+                .range(vpn_of(old_start)..vpn_of(old_end))
+                .map(|(v, w)| (*v, *w))
+                .collect();
+            for (vpn, word) in swapped {
+                state.swap.remove(&vpn);
+                state.swap.insert(vpn.wrapping_add(delta), word);
+            }
         })?;
         Ok(new_start)
     }
 
-    /// Migrates the pages of `[addr, addr + len)` (fully mapped) to new frames: one
-    /// invalidation over the range, `Clear` for the kernel's own migration (compaction,
-    /// NUMA), or `Migrate { owner }` for a device's. Pages that another mapping or the page
-    /// cache also references are skipped (the simulator has no reverse map). No page to move:
-    /// no event.
+    /// Migrates the populated pages of `[addr, addr + len)` to new frames (each new frame
+    /// holds the old one's word), VMA piece by VMA piece up to the first hole:
+    ///
+    /// * the kernel's own migration (`owner` is `None`: compaction, NUMA balancing,
+    ///   `move_pages`) fires one `Clear` per moved page, as `try_to_migrate_one` does; the zero
+    ///   page is not migrated;
+    /// * a device's migration (`Some(owner)`: `migrate_vma_setup`) fires one
+    ///   `Migrate { owner }` over each VMA piece, as `migrate_vma_collect` does, and moves only
+    ///   anonymous pages: private anonymous memory and the copy-on-write copies in private
+    ///   file mappings (a zero page becomes a fresh zeroed frame, writable if the VMA is);
+    ///   page-cache pages (shared or private file, shmem) stay where they are, as Linux's
+    ///   `migrate_vma_pages` leaves them.
+    ///
+    /// Pages of the page cache, or that another mapping also references, are skipped (the
+    /// simulator has no reverse map). Unpopulated pages stay unpopulated.
     ///
     /// # Errors
     ///
-    /// [`SimError::Unmapped`], and the range errors.
+    /// [`SimError::Unmapped`] with the first hole, after the pieces before it were migrated
+    /// (the walk stops there, as a driver's loop over VMAs and `mbind`'s page walk stop);
+    /// the range errors.
     pub fn migrate(
         &self,
         addr: u64,
@@ -696,64 +833,102 @@ impl SimMm {
     ) -> Result<MigrateReport, SimError> {
         let (start, end) = Self::check_range(addr, len)?;
         let _mmap = self.mmap_lock.lock();
-        let (candidates, skipped) = {
+        let (pieces, hole) = {
             let state = self.locked_state()?;
-            if let Some(hole) = state.vmas.first_hole(start, end) {
-                return Err(SimError::Unmapped { addr: hole });
-            }
-            let frames = self.frames.lock();
-            let (movable, pinned): (Vec<_>, Vec<_>) = state
-                .pt
-                .range(vpn_of(start), vpn_of(end))
+            let hole = state.vmas.first_hole(start, end);
+            let pieces: Vec<Vma> = state
+                .vmas
+                .overlapping(start, hole.unwrap_or(end))
                 .into_iter()
-                .partition(|(_, pte)| {
-                    frames.refcount(pte.frame) == 1 && !frames.is_page_cache(pte.frame)
-                });
-            (
-                movable,
-                pinned.into_iter().map(|(v, _)| v).collect::<Vec<_>>(),
-            )
+                .filter_map(|v| v.clip(start, hole.unwrap_or(end)))
+                .collect();
+            (pieces, hole)
         };
-        if candidates.is_empty() {
-            return Ok(MigrateReport {
-                moved: Vec::new(),
-                skipped,
-            });
-        }
-        let event = owner.map_or(Event::Clear, |owner| Event::Migrate { owner });
         self.op("migrate", start, end);
-        let moved = self.invalidate(Range::new(start, end)?, event, |state, frames| {
-            let mut moved = Vec::new();
-            for (vpn, _) in candidates {
-                if let Some(pte) = state.pt.get_mut(vpn) {
-                    let new = frames.alloc();
-                    let old = std::mem::replace(&mut pte.frame, new);
-                    frames.put(old);
-                    moved.push((vpn, old, new));
+        let mut report = MigrateReport::default();
+        for piece in pieces {
+            let (movable, skipped): (Vec<_>, Vec<_>) = {
+                let state = self.state.lock();
+                let frames = self.frames.lock();
+                state
+                    .pt
+                    .range(vpn_of(piece.start), vpn_of(piece.end))
+                    .into_iter()
+                    .partition(|(_, pte)| {
+                        // Only anonymous pages move: page-cache (file and shmem) pages stay, as
+                        // in Linux's `migrate_vma_pages`; the kernel's own migration does not
+                        // move the zero page, a device's replaces it with a zeroed page.
+                        if pte.frame.is_zero_page() {
+                            owner.is_some()
+                        } else {
+                            frames.refcount(pte.frame) == 1 && !frames.is_page_cache(pte.frame)
+                        }
+                    })
+            };
+            report
+                .skipped
+                .extend(skipped.into_iter().map(|(vpn, _)| vpn));
+            let move_page = |state: &mut State, frames: &mut Frames, vpn: u64| {
+                let pte = state.pt.get_mut(vpn)?;
+                let new = frames.alloc_copy(pte.frame);
+                if pte.frame.is_zero_page() {
+                    pte.writable = piece.prot.write;
+                }
+                let old = std::mem::replace(&mut pte.frame, new);
+                frames.put(old);
+                Some((vpn, old, new))
+            };
+            match owner {
+                None => {
+                    for (vpn, _) in movable {
+                        let moved = self.invalidate(
+                            page_range(vpn, vpn + 1),
+                            Event::Clear,
+                            |state, frames| move_page(state, frames, vpn),
+                        )?;
+                        report.moved.extend(moved);
+                    }
+                }
+                Some(owner) => {
+                    let range = Range::new(piece.start, piece.end)?;
+                    let moved =
+                        self.invalidate(range, Event::Migrate { owner }, |state, frames| {
+                            movable
+                                .iter()
+                                .filter_map(|(vpn, _)| move_page(state, frames, *vpn))
+                                .collect::<Vec<_>>()
+                        })?;
+                    report.moved.extend(moved);
                 }
             }
-            moved
-        })?;
-        Ok(MigrateReport { moved, skipped })
+        }
+        hole.map_or(Ok(report), |addr| Err(SimError::Unmapped { addr }))
     }
 
-    /// One reclaim pass over `[addr, addr + len)` (fully mapped): for each populated page, the
-    /// primary accessed bit is tested and cleared and the secondary MMUs are asked through
-    /// [`Mm::clear_flush_young`]; a page that neither found young is evicted with its own
-    /// `Clear`. Two passes with an access in between show page aging.
+    /// One reclaim pass over `[addr, addr + len)`, like `madvise(MADV_PAGEOUT)`: for each
+    /// populated page, the primary accessed bit is tested and cleared and the secondary MMUs
+    /// are asked through [`Mm::clear_flush_young`]; a page that neither found young is evicted
+    /// with its own `Clear` (a private page goes to swap and comes back with its word on the
+    /// next fault; a page-cache page stays cached). Two passes with an access in between show page aging. The zero
+    /// page is not on any LRU list and is never scanned. As every `madvise`, a hole does not
+    /// stop the pass: every mapped page is scanned, then the call fails.
     ///
     /// # Errors
     ///
-    /// [`SimError::Unmapped`], and the range errors.
+    /// [`SimError::Unmapped`] with the first hole (Linux's `ENOMEM`), after the pass over the
+    /// mapped pages; the range errors.
     pub fn reclaim(&self, addr: u64, len: u64) -> Result<ReclaimReport, SimError> {
         let (start, end) = Self::check_range(addr, len)?;
         let _mmap = self.mmap_lock.lock();
-        let pages = {
+        let (pages, hole) = {
             let state = self.locked_state()?;
-            if let Some(hole) = state.vmas.first_hole(start, end) {
-                return Err(SimError::Unmapped { addr: hole });
-            }
-            state.pt.range(vpn_of(start), vpn_of(end))
+            let pages: Vec<(u64, Pte)> = state
+                .pt
+                .range(vpn_of(start), vpn_of(end))
+                .into_iter()
+                .filter(|(_, pte)| !pte.frame.is_zero_page())
+                .collect();
+            (pages, state.vmas.first_hole(start, end))
         };
         self.op("reclaim", start, end);
         let mut report = ReclaimReport {
@@ -776,12 +951,22 @@ impl SimMm {
                 report.referenced_secondary.push(vpn);
             } else {
                 self.invalidate(range, Event::Clear, |state, frames| {
+                    // A private page goes to swap with its word; a page-cache page stays in
+                    // the cache.
+                    let swapped = state
+                        .pt
+                        .get(vpn)
+                        .filter(|pte| !frames.is_page_cache(pte.frame))
+                        .map(|pte| frames.read(pte.frame));
                     Self::zap(state, frames, vpn, vpn + 1);
+                    if let Some(word) = swapped {
+                        state.swap.insert(vpn, word);
+                    }
                 })?;
                 report.evicted.push(vpn);
             }
         }
-        Ok(report)
+        hole.map_or(Ok(report), |addr| Err(SimError::Unmapped { addr }))
     }
 
     /// Process exit (`exit_mmap`): [`Mm::release`] first, then one blockable `Unmap` per VMA
@@ -821,9 +1006,17 @@ impl SimMm {
 
     /// A page fault by the process (or `get_user_pages` on its behalf): maps the page of
     /// `addr` if needed, breaks copy-on-write on a write, sets the accessed (and dirty) bits,
-    /// and returns the entry. A write to a shared page, or to a private page nobody else
-    /// references, only makes the entry writable (no event); a write to a shared
-    /// copy-on-write page copies it under a `Clear` of that one page.
+    /// and returns the entry.
+    ///
+    /// * A read of untouched private anonymous memory maps the shared zero page read-only
+    ///   (`do_anonymous_page`); a write allocates a zeroed frame.
+    /// * Shared mappings (file or shmem) map the page-cache page, so every process mapping the
+    ///   same object sees the same frame; a private file mapping maps it read-only until the
+    ///   first write copies it.
+    /// * A write to a shared page, or to a private page nobody else references, only makes the
+    ///   entry writable (no event); a write to the zero page or to a copy-on-write page shared
+    ///   with another process or the page cache copies it under a `Clear` of that one page
+    ///   (`wp_page_copy`).
     ///
     /// # Errors
     ///
@@ -853,16 +1046,29 @@ impl SimMm {
             None => {
                 let mut state = self.state.lock();
                 let mut frames = self.frames.lock();
-                let (frame, writable) = match (vma.file_page(addr), vma.sharing, write) {
-                    (None, _, _) => (frames.alloc(), vma.prot.write),
-                    (Some((file, index)), Sharing::Shared, _) => {
-                        (frames.file_page(file, index), vma.prot.write)
+                let swapped = state.swap.remove(&vpn);
+                let (frame, writable) = match (vma.cache_page(addr), vma.sharing, write) {
+                    // A private page reclaim swapped out: swapped back in with its word.
+                    _ if swapped.is_some() => {
+                        let frame = frames.alloc();
+                        frames.write(frame, swapped.unwrap_or_default());
+                        (frame, vma.prot.write)
                     }
-                    (Some((file, index)), Sharing::Private, false) => {
-                        (frames.file_page(file, index), false)
+                    (None, _, false) => (FrameId::ZERO, false),
+                    (None, _, true) => (frames.alloc(), vma.prot.write),
+                    (Some((object, index)), Sharing::Shared, _) => {
+                        (frames.cache_page(object, index), vma.prot.write)
+                    }
+                    (Some((object, index)), Sharing::Private, false) => {
+                        (frames.cache_page(object, index), false)
                     }
                     // A private write to a file page nobody mapped yet: copy at once.
-                    (Some(_), Sharing::Private, true) => (frames.alloc(), true),
+                    (Some((object, index)), Sharing::Private, true) => {
+                        let cached = frames.cache_page(object, index);
+                        let copy = frames.alloc_copy(cached);
+                        frames.put(cached);
+                        (copy, true)
+                    }
                 };
                 let pte = Pte {
                     frame,
@@ -878,15 +1084,17 @@ impl SimMm {
                 let reuse = {
                     let frames = self.frames.lock();
                     vma.is_shared()
-                        || (frames.refcount(old.frame) == 1 && !frames.is_page_cache(old.frame))
+                        || (!old.frame.is_zero_page()
+                            && frames.refcount(old.frame) == 1
+                            && !frames.is_page_cache(old.frame))
                 };
                 if reuse {
                     return Ok(self.touch_pte(vpn, |pte| pte.writable = true));
                 }
                 self.op("cow_fault", addr_of(vpn), addr_of(vpn + 1));
                 self.invalidate(page_range(vpn, vpn + 1), Event::Clear, |state, frames| {
-                    let new = frames.alloc();
                     if let Some(pte) = state.pt.get_mut(vpn) {
+                        let new = frames.alloc_copy(pte.frame);
                         let old = std::mem::replace(&mut pte.frame, new);
                         frames.put(old);
                         pte.writable = true;
@@ -896,6 +1104,37 @@ impl SimMm {
             }
             Some(_) => Ok(self.touch_pte(vpn, |pte| pte.dirty |= write)),
         }
+    }
+
+    /// Faults the page of `addr` for `access` and reads (or, with `store`, writes) its word,
+    /// under the mmap lock so that no operation changes the entry in between.
+    fn access_word(&self, addr: u64, store: Option<u64>) -> Result<u64, SimError> {
+        let _mmap = self.mmap_lock.lock();
+        let access = if store.is_some() {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        let pte = self.fault_locked(addr, access)?;
+        let mut frames = self.frames.lock();
+        match store {
+            Some(word) => {
+                frames.write(pte.frame, word);
+                Ok(word)
+            }
+            None => Ok(frames.read(pte.frame)),
+        }
+    }
+
+    /// The word stored in `frame` (0 for the zero page and for a fresh or free frame).
+    pub fn frame_word(&self, frame: FrameId) -> u64 {
+        self.frames.lock().read(frame)
+    }
+
+    /// Stores `word` in `frame` directly, as a device with a writable mapping of it does. A
+    /// store to the zero page or to a free frame is ignored.
+    pub fn store_frame_word(&self, frame: FrameId, word: u64) {
+        self.frames.lock().write(frame, word);
     }
 
     /// Marks the entry accessed (and applies `f`); returns it.
@@ -936,8 +1175,9 @@ impl SimMm {
         let mut pass = ReapPass::default();
         for vma in vmas {
             let range = Range::new(vma.start, vma.end).expect("a VMA is never empty");
-            // Linux reaps only anonymous or private (`!VM_SHARED`) VMAs.
-            if vma.is_shared() && !vma.is_anonymous() {
+            // Linux reaps only anonymous (`vma_is_anonymous`) or private (`!VM_SHARED`) VMAs;
+            // a shared anonymous VMA is a shmem mapping, which is neither.
+            if vma.is_shared() {
                 pass.skipped.push(range);
                 continue;
             }
@@ -992,6 +1232,25 @@ impl Task<'_> {
     /// As [`SimMm::fault`].
     pub fn write(&self, addr: u64) -> Result<FrameId, SimError> {
         self.sim.fault(addr, Access::Write).map(|p| p.frame)
+    }
+
+    /// Loads the word at the page of `addr` (faulting it in for reading).
+    ///
+    /// # Errors
+    ///
+    /// As [`SimMm::fault`].
+    pub fn load(&self, addr: u64) -> Result<u64, SimError> {
+        self.sim.access_word(addr, None)
+    }
+
+    /// Stores `word` at the page of `addr` (faulting it in for writing, which breaks
+    /// copy-on-write and copies the zero page).
+    ///
+    /// # Errors
+    ///
+    /// As [`SimMm::fault`].
+    pub fn store(&self, addr: u64, word: u64) -> Result<(), SimError> {
+        self.sim.access_word(addr, Some(word)).map(|_| ())
     }
 
     /// Touches every page of `[addr, addr + len)`; returns the number of pages.

@@ -1,7 +1,7 @@
 //! The OOM reaper, as Linux runs it (`mm/oom_kill.c`), and `process_mrelease`.
 //!
-//! One *pass* (`__oom_reap_task_mm`) walks every VMA; it leaves shared file mappings alone and,
-//! for each anonymous or private one, asks for a **non-blocking** `Unmap` start over the VMA.
+//! One *pass* (`__oom_reap_task_mm`) walks every VMA; it leaves shared mappings (file or
+//! shmem) alone and, for each private one, asks for a **non-blocking** `Unmap` start over it.
 //! A refused start skips the VMA: no unmap, no end (under [`Policy::Legacy`](mmnotify::Policy)
 //! and [`Policy::Kernel`](mmnotify::Policy) whatever the engine did for the others is all
 //! that happens; under `Exact` the engine already ended who had started). A successful start

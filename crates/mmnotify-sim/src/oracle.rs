@@ -5,8 +5,11 @@
 //!
 //! 1. **Mappings.** Every secondary entry maps the frame the primary maps at the same page; an
 //!    entry for a page the primary does not map is stale; a writable secondary entry over a
-//!    primary entry that is not writable (after fork's write-protect or mprotect) and an entry
-//!    over an inaccessible primary entry (`PROT_NONE`) are violations too.
+//!    primary entry that is not writable (after fork's write-protect or mprotect, or over the
+//!    zero page) and an entry over an inaccessible primary entry (`PROT_NONE`) are violations
+//!    too. The shared zero page is a frame like any other here: a mirror may map it where the
+//!    primary does (read-only), and a mirror still mapping it after the first write copied it
+//!    is stale.
 //! 2. **Balance.** Every classic subscriber that declares an end received as many ends as
 //!    successful starts (from the recording wrapper's counters, which outlive `Mm::release`);
 //!    every model's in-flight counter (KVM's `in_progress` and `active_invalidate_count`, GRU's

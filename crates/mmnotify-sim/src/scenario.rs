@@ -10,8 +10,9 @@
 //!   (classic refuser + interval mirror) and an HMM mirror over the reaped range. Under
 //!   `Kernel` and `Legacy` the interval epoch stays open.
 //! * [`Scenario::Coherence`]: munmap, mprotect, fork, a COW fault, mremap, kernel and device
-//!   migration, reclaim with aging, madvise and exit, with five mirrors faulting pages in
-//!   before each step and the oracle checking after it.
+//!   migration, reclaim with aging, madvise, a `MAP_FIXED` replace, the first write to the
+//!   zero page, madvise and mprotect over a hole, and exit, with five mirrors faulting pages
+//!   in before each step and the oracle checking after it.
 
 use std::fmt;
 use std::str::FromStr;
@@ -67,8 +68,9 @@ impl Scenario {
                  mirror) and an HMM mirror over the reaped range"
             }
             Scenario::Coherence => {
-                "munmap, mprotect, fork, COW fault, mremap, migration, reclaim, madvise and exit \
-                 with five mirrors, checked by the coherence oracle after each step"
+                "munmap, mprotect, fork, COW fault, mremap, migration, reclaim, madvise, \
+                 MAP_FIXED, zero-page write, madvise and mprotect over a hole, and exit with five \
+                 mirrors, checked by the coherence oracle after each step"
             }
         }
     }
@@ -561,6 +563,35 @@ fn coherence(policy: Policy, config: &ScenarioConfig) -> Result<ScenarioReport, 
     step("madvise", "Clear", &mut || {
         sim.madvise_dontneed(c, 4 * PAGE_SIZE)
     })?;
+    step("map-fixed", "Unmap (the replaced range)", &mut || {
+        sim.mmap_fixed(
+            a + 8 * PAGE_SIZE,
+            4 * PAGE_SIZE,
+            Prot::READ_WRITE,
+            Backing::Anonymous,
+            Sharing::Private,
+        )
+        .map(|_| ())
+    })?;
+    // The mirrors read the new mapping in: every one of them maps the zero page.
+    step("zero-page-write", "Clear (one page)", &mut || {
+        task.write(a + 8 * PAGE_SIZE).map(|_| ())
+    })?;
+    // `[a + 4, a + 8)` pages moved away with mremap: a hole, which Linux's madvise and
+    // mprotect report (ENOMEM) after doing their part.
+    let hole = |r: Result<(), SimError>| match r {
+        Err(SimError::Unmapped { addr }) if addr == a + 4 * PAGE_SIZE => Ok(()),
+        Ok(()) => Err(SimError::Unmapped { addr: a }),
+        other => other,
+    };
+    step("madvise-hole", "Clear per piece, then ENOMEM", &mut || {
+        hole(sim.madvise_dontneed(a, 12 * PAGE_SIZE))
+    })?;
+    step(
+        "mprotect-hole",
+        "ProtectionVma before the hole, then ENOMEM",
+        &mut || hole(sim.mprotect(a, 12 * PAGE_SIZE, Prot::READ)),
+    )?;
     step("exit", "release, then Unmap per VMA", &mut || sim.exit())?;
 
     let mut out = report(&sim, Scenario::Coherence, &m.all());

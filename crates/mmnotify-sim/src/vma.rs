@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::error::SimError;
+use crate::frames::CacheObject;
 
 /// The page size of the simulated machine.
 pub const PAGE_SIZE: u64 = 4096;
@@ -117,7 +118,10 @@ pub struct FileId(pub u64);
 /// What backs a mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Backing {
-    /// Anonymous memory (zero-filled on first touch).
+    /// Anonymous memory (zero-filled on first touch). A private anonymous page that is only
+    /// read maps the shared zero page until its first write. A `MAP_SHARED | MAP_ANONYMOUS`
+    /// mapping is backed by one shmem object created at `mmap` (Linux's `shmem_zero_setup`), so
+    /// every process that inherits the mapping sees the same pages.
     Anonymous,
     /// A file; `offset` (in bytes, page-aligned) is the file position of the VMA's start.
     File {
@@ -150,6 +154,8 @@ pub struct Vma {
     pub backing: Backing,
     /// Private or shared.
     pub sharing: Sharing,
+    /// For a shared anonymous VMA: its shmem object and the object page of `start`.
+    pub(crate) shmem: Option<(CacheObject, u64)>,
 }
 
 impl Vma {
@@ -194,6 +200,20 @@ impl Vma {
         }
     }
 
+    /// The page-cache page behind the page at `addr`: the file page of a file VMA, the shmem
+    /// page of a shared anonymous VMA; `None` for private anonymous memory.
+    pub(crate) fn cache_page(&self, addr: u64) -> Option<(CacheObject, u64)> {
+        match (self.backing, self.shmem) {
+            (Backing::File { file, .. }, _) => self
+                .file_page(addr)
+                .map(|(_, index)| (CacheObject::File(file), index)),
+            (Backing::Anonymous, Some((object, first))) => {
+                Some((object, first + ((addr - self.start) >> PAGE_SHIFT)))
+            }
+            (Backing::Anonymous, None) => None,
+        }
+    }
+
     /// The part of the VMA in `[start, end)`, or `None` if they do not overlap.
     pub fn clip(&self, start: u64, end: u64) -> Option<Vma> {
         let s = self.start.max(start);
@@ -207,6 +227,9 @@ impl Vma {
                 file,
                 offset: offset + (s - self.start),
             };
+        }
+        if let Some((object, first)) = self.shmem {
+            piece.shmem = Some((object, first + ((s - self.start) >> PAGE_SHIFT)));
         }
         piece.start = s;
         piece.end = e;

@@ -1,5 +1,7 @@
 //! Bad input to the simulator is a typed error whose message carries the values (the
-//! simulator's counterpart of I1), and nothing changes.
+//! simulator's counterpart of I1), and nothing changes, except where Linux applies a call
+//! piecewise before failing on a hole (madvise, mprotect, migrate, reclaim: see
+//! tests/fidelity.rs).
 
 use mmnotify::Policy;
 use mmnotify_sim::{Access, Backing, FileId, Prot, Sharing, SimError, SimMm, PAGE_SIZE};
@@ -143,7 +145,8 @@ fn unmapped_addresses_are_rejected() {
             Sharing::Private,
         )
         .unwrap();
-    // A hole right after the mapping.
+    // A hole right after the mapping: the call fails with the hole (Linux's ENOMEM), after
+    // doing what Linux does before it.
     assert_eq!(
         s.mprotect(a, 2 * P, Prot::READ),
         Err(SimError::Unmapped { addr: a + P })
@@ -196,11 +199,18 @@ fn access_violations_and_bad_mremaps_are_rejected() {
             len: 2 * P
         })
     );
-    // Destination in use.
-    assert!(matches!(
-        s.mremap(ro, P, none),
-        Err(SimError::Overlap { .. })
-    ));
+    // Source and destination overlap (Linux's EINVAL); nothing moves.
+    let three = s.mmap_anon(3 * P).unwrap();
+    assert_eq!(
+        s.mremap(three, 2 * P, three + P),
+        Err(SimError::Overlap {
+            start: three + P,
+            end: three + 3 * P,
+            existing_start: three,
+            existing_end: three + 2 * P
+        })
+    );
+    assert_eq!(s.vmas().len(), 3);
     assert!(matches!(
         s.munmap(u64::MAX - P + 1, 2 * P),
         Err(SimError::AddressOverflow { .. })

@@ -207,7 +207,8 @@ fn mremap_fires_unmap_of_the_old_range() {
     assert_eq!(sim.vmas().len(), 3);
 }
 
-/// Migration: Clear for the kernel's own, Migrate { owner } for a device's; new frames.
+/// Migration: one Clear per page for the kernel's own (try_to_migrate_one), one
+/// Migrate { owner } over the VMA for a device's (migrate_vma_collect); new frames.
 #[test]
 fn migrate_fires_clear_or_migrate_with_owner() {
     let (sim, rec) = sim_with_recorder();
@@ -221,7 +222,8 @@ fn migrate_fires_clear_or_migrate_with_owner() {
     assert_eq!(
         rec.starts(),
         vec![
-            (Event::Clear, range(a, a + 2 * P), true),
+            (Event::Clear, range(a, a + P), true),
+            (Event::Clear, range(a + P, a + 2 * P), true),
             (
                 Event::Migrate { owner: Owner(9) },
                 range(a, a + 2 * P),
@@ -229,7 +231,7 @@ fn migrate_fires_clear_or_migrate_with_owner() {
             )
         ]
     );
-    assert_eq!(rec.ends(), 2);
+    assert_eq!(rec.ends(), 3);
 }
 
 /// Reclaim: every page is aged through clear_flush_young (I19); a page young in neither the

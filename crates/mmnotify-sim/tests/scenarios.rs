@@ -149,6 +149,10 @@ fn coherence_holds_under_every_policy() {
                 "migrate-device",
                 "reclaim",
                 "madvise",
+                "map-fixed",
+                "zero-page-write",
+                "madvise-hole",
+                "mprotect-hole",
                 "exit"
             ]
         );

@@ -12,6 +12,10 @@
 //!   waits (the vCPU re-enters the guest).
 //! * **young**: each SPTE has an accessed bit, set by faults and guest accesses, tested and
 //!   cleared by `clear_flush_young`.
+//! * **guest**: loads and stores go through the SPTEs ([`KvmLike::guest_read`],
+//!   [`KvmLike::guest_write`]); a missing SPTE, or a store to a read-only one (the zero page,
+//!   a write-protected page), is an EPT violation that KVM's fault path must resolve
+//!   ([`KvmLike::guest_load`], [`KvmLike::guest_store`]).
 //!
 //! A start without its end leaves `in_progress` raised: every fault in the range retries
 //! forever and [`KvmLike::update_memslots`] waits forever (bounded here, reported as a hang).
@@ -29,6 +33,34 @@ use crate::error::SimError;
 use crate::mm::SimMm;
 use crate::sync::{Condvar, Mutex};
 use crate::vma::{vpn_of, Access};
+
+/// What a guest access through [`KvmLike::guest_load`] or [`KvmLike::guest_store`] observed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestAccess {
+    /// The SPTE allowed the access without an exit; the word read or written.
+    Hit(u64),
+    /// The access took an EPT violation; KVM's fault path mapped the page and the access
+    /// completed with this word.
+    Faulted(u64),
+    /// The access took an EPT violation that KVM could not resolve (an invalidation kept
+    /// its fault retrying).
+    Unresolved(FaultOutcome),
+}
+
+impl GuestAccess {
+    /// The word read or written, if the access completed.
+    pub fn word(&self) -> Option<u64> {
+        match *self {
+            GuestAccess::Hit(w) | GuestAccess::Faulted(w) => Some(w),
+            GuestAccess::Unresolved(_) => None,
+        }
+    }
+
+    /// Whether the access exited to KVM (an EPT violation).
+    pub fn faulted(&self) -> bool {
+        !matches!(self, GuestAccess::Hit(_))
+    }
+}
 
 #[derive(Debug, Default)]
 struct MmuState {
@@ -161,6 +193,70 @@ impl KvmLike {
         } else {
             false
         }
+    }
+
+    /// A guest load through the SPTE of `addr`: the word it reads, or `None` for an EPT
+    /// violation (no SPTE: the vCPU exits and KVM must fault the page in).
+    pub fn guest_read(&self, sim: &SimMm, addr: u64) -> Option<u64> {
+        let mut mmu = self.mmu.lock();
+        let vpn = vpn_of(addr);
+        let spte = mmu.sptes.get(vpn)?;
+        mmu.young.insert(vpn);
+        // Read under the MMU lock: no invalidation can zap the SPTE and free the frame while
+        // the guest reads through it.
+        Some(sim.frame_word(spte.frame))
+    }
+
+    /// A guest store of `word` through the SPTE of `addr`; `false` for an EPT violation (no
+    /// SPTE, or a read-only one: the zero page, a write-protected copy-on-write page).
+    pub fn guest_write(&self, sim: &SimMm, addr: u64, word: u64) -> bool {
+        let mut mmu = self.mmu.lock();
+        let vpn = vpn_of(addr);
+        match mmu.sptes.get(vpn) {
+            Some(spte) if spte.writable => {
+                mmu.young.insert(vpn);
+                sim.store_frame_word(spte.frame, word);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A guest load as the vCPU runs it: through the SPTE if there is one, else after KVM's
+    /// fault path mapped the page (retried as [`fault_retrying`](Self::fault_retrying) does).
+    ///
+    /// # Errors
+    ///
+    /// As [`fault`](Self::fault).
+    pub fn guest_load(&self, sim: &SimMm, addr: u64) -> Result<GuestAccess, SimError> {
+        if let Some(word) = self.guest_read(sim, addr) {
+            return Ok(GuestAccess::Hit(word));
+        }
+        let outcome = self.fault_retrying(sim, addr, Access::Read)?;
+        Ok(match self.guest_read(sim, addr) {
+            Some(word) if outcome.is_mapped() => GuestAccess::Faulted(word),
+            _ => GuestAccess::Unresolved(outcome),
+        })
+    }
+
+    /// A guest store as the vCPU runs it: through a writable SPTE if there is one, else after
+    /// KVM's write fault mapped the page writable.
+    ///
+    /// # Errors
+    ///
+    /// As [`fault`](Self::fault).
+    pub fn guest_store(&self, sim: &SimMm, addr: u64, word: u64) -> Result<GuestAccess, SimError> {
+        if self.guest_write(sim, addr, word) {
+            return Ok(GuestAccess::Hit(word));
+        }
+        let outcome = self.fault_retrying(sim, addr, Access::Write)?;
+        Ok(
+            if outcome.is_mapped() && self.guest_write(sim, addr, word) {
+                GuestAccess::Faulted(word)
+            } else {
+                GuestAccess::Unresolved(outcome)
+            },
+        )
     }
 
     /// A memslot update: waits (bounded by the model's timeout) until no invalidation is

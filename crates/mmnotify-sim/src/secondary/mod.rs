@@ -27,7 +27,7 @@ use mmnotify::Range;
 
 pub use gru::GruLike;
 pub use hmm::HmmMirror;
-pub use kvm::KvmLike;
+pub use kvm::{GuestAccess, KvmLike};
 pub use nouveau::NouveauLike;
 pub use sva::SvaLike;
 
@@ -78,6 +78,11 @@ impl ShadowTable {
     /// The entry of `vpn`.
     pub fn get(&self, vpn: u64) -> Option<ShadowEntry> {
         self.entries.get(&vpn).copied()
+    }
+
+    /// Drops the entry of `vpn`; returns it.
+    pub fn remove(&mut self, vpn: u64) -> Option<ShadowEntry> {
+        self.entries.remove(&vpn)
     }
 
     /// Drops every entry that `range` touches; returns how many.

@@ -82,12 +82,14 @@ pub enum Op {
         /// Write access.
         write: bool,
     },
-    /// The KVM guest touches a page through its SPTE (sets the accessed bit).
+    /// The KVM guest loads (even pages) or stores (odd pages) through its SPTE, without
+    /// exiting: nothing happens if the SPTE is missing or, for a store, read-only.
     GuestAccess {
         /// Page index.
         page: u16,
     },
-    /// `mmap` (fixed, no-replace) of pages of a slot.
+    /// `mmap` at a fixed address of pages of a slot: `MAP_FIXED_NOREPLACE`, or `MAP_FIXED`
+    /// replacing what is there.
     Mmap {
         /// Slot.
         slot: u8,
@@ -95,7 +97,8 @@ pub enum Op {
         first: u8,
         /// Number of pages.
         pages: u8,
-        /// 0: anonymous private, 1: shared file, 2: private file.
+        /// 0: anonymous private, 1: shared file, 2: private file, 3: shared anonymous (all
+        /// no-replace), 4: anonymous private replacing (`MAP_FIXED`).
         backing: u8,
     },
     /// `munmap` of pages of a slot.
@@ -127,7 +130,9 @@ pub enum Op {
         /// Number of pages.
         pages: u8,
     },
-    /// Page migration, by the kernel (`Clear`) or by the nouveau-like device (`Migrate`).
+    /// Page migration, by the kernel (`Clear`) or by a device (`Migrate`): the nouveau-like
+    /// one for even slots, the HMM mirror's own device (which ignores its own `Migrate` and
+    /// maps the moved pages itself) for odd slots.
     Migrate {
         /// Slot.
         slot: u8,
@@ -135,7 +140,7 @@ pub enum Op {
         first: u8,
         /// Number of pages.
         pages: u8,
-        /// Device migration (owner = the nouveau-like model).
+        /// Device migration.
         device: bool,
     },
     /// One reclaim pass over pages of a slot.
@@ -229,7 +234,10 @@ impl Op {
             Op::Mprotect { .. } => "mprotect",
             Op::Madvise { .. } => "madvise",
             Op::Migrate { device: false, .. } => "migrate",
-            Op::Migrate { device: true, .. } => "migrate (device)",
+            Op::Migrate {
+                device: true, slot, ..
+            } if slot % 2 == 0 => "migrate (nouveau)",
+            Op::Migrate { device: true, .. } => "migrate (hmm device)",
             Op::Reclaim { .. } => "reclaim",
             Op::Mremap { .. } => "mremap",
             Op::Fork => "fork",
@@ -283,7 +291,7 @@ impl Op {
                     slot: slot(rng),
                     first,
                     pages,
-                    backing: rng.below(3) as u8,
+                    backing: rng.below(5) as u8,
                 }
             }
             50..=51 => {
@@ -405,7 +413,11 @@ impl fmt::Display for Op {
                 "{mirror:?} fault page {page} ({})",
                 if *write { "write" } else { "read" }
             ),
-            Op::GuestAccess { page } => write!(f, "kvm guest access page {page}"),
+            Op::GuestAccess { page } => write!(
+                f,
+                "kvm guest {} page {page}",
+                if page % 2 == 0 { "load" } else { "store" }
+            ),
             Op::Mmap {
                 slot,
                 first,
@@ -415,7 +427,13 @@ impl fmt::Display for Op {
                 f,
                 "mmap {} {}",
                 span(slot, first, pages),
-                ["anonymous", "shared file", "private file"][usize::from(*backing % 3)]
+                [
+                    "anonymous",
+                    "shared file",
+                    "private file",
+                    "shared anonymous",
+                    "anonymous, MAP_FIXED replacing"
+                ][usize::from(*backing % 5)]
             ),
             Op::Munmap { slot, first, pages } => write!(f, "munmap {}", span(slot, first, pages)),
             Op::Mprotect {
@@ -441,7 +459,11 @@ impl fmt::Display for Op {
                 f,
                 "migrate {}{}",
                 span(slot, first, pages),
-                if *device { " to the device" } else { "" }
+                match (*device, slot % 2) {
+                    (false, _) => "",
+                    (true, 0) => " to the nouveau device",
+                    (true, _) => " to the hmm device",
+                }
             ),
             Op::Reclaim { slot, first, pages } => write!(f, "reclaim {}", span(slot, first, pages)),
             Op::Mremap {

@@ -29,6 +29,8 @@ pub const SLOT_PAGES: usize = 8;
 const SLOT_STRIDE: u64 = 16;
 /// The nouveau-like device's owner.
 const DEVICE: Owner = Owner(0x6e76);
+/// The HMM mirror's device owner.
+const HMM_DEVICE: Owner = Owner(0x686d);
 /// Slots the nouveau-like region covers.
 const NOUVEAU_SLOTS: (usize, usize) = (0, 3);
 /// Slots the HMM mirror covers.
@@ -212,7 +214,7 @@ impl World {
         let (start, len) = span(NOUVEAU_SLOTS);
         nouveau.mirror_region(&sim, start, len)?;
         let (start, len) = span(HMM_SLOTS);
-        let hmm = HmmMirror::attach(&sim, "hmm", start, len, t)?;
+        let hmm = HmmMirror::attach_device(&sim, "hmm", start, len, HMM_DEVICE, t)?;
         Ok(World {
             sim,
             reported_panics: Mutex::new(0),
@@ -333,14 +335,25 @@ impl World {
         let at = |slot: u8, first: u8| slot_addr(usize::from(slot)) + u64::from(first) * PAGE_SIZE;
         let access = |write: bool| if write { Access::Write } else { Access::Read };
         match *op {
-            Op::Touch { page, write } => from_result(sim.fault(page_addr(page), access(write))),
+            Op::Touch { page, write: false } => {
+                from_result(sim.task("torture").load(page_addr(page)))
+            }
+            Op::Touch { page, write: true } => from_result(
+                sim.task("torture")
+                    .store(page_addr(page), u64::from(page) + 1),
+            ),
             Op::Fault {
                 mirror,
                 page,
                 write,
             } => self.mirror_fault(mirror, page, access(write)),
             Op::GuestAccess { page } => {
-                self.kvm.guest_access(page_addr(page));
+                if page % 2 == 0 {
+                    self.kvm.guest_read(sim, page_addr(page));
+                } else {
+                    self.kvm
+                        .guest_write(sim, page_addr(page), 0x1000 + u64::from(page));
+                }
                 Applied::default()
             }
             Op::Mmap {
@@ -349,8 +362,10 @@ impl World {
                 pages,
                 backing,
             } => {
-                let (backing, sharing) = match backing % 3 {
-                    0 => (Backing::Anonymous, Sharing::Private),
+                let op_backing = backing;
+                let (backing, sharing) = match backing % 5 {
+                    0 | 4 => (Backing::Anonymous, Sharing::Private),
+                    3 => (Backing::Anonymous, Sharing::Shared),
                     b => (
                         Backing::File {
                             file: FileId(1 + u64::from(slot)),
@@ -363,13 +378,23 @@ impl World {
                         },
                     ),
                 };
-                from_result(sim.mmap(
-                    Some(at(slot, first)),
-                    len(pages),
-                    Prot::READ_WRITE,
-                    backing,
-                    sharing,
-                ))
+                if op_backing % 5 == 4 {
+                    from_result(sim.mmap_fixed(
+                        at(slot, first),
+                        len(pages),
+                        Prot::READ_WRITE,
+                        backing,
+                        sharing,
+                    ))
+                } else {
+                    from_result(sim.mmap(
+                        Some(at(slot, first)),
+                        len(pages),
+                        Prot::READ_WRITE,
+                        backing,
+                        sharing,
+                    ))
+                }
             }
             Op::Munmap { slot, first, pages } => {
                 from_result(sim.munmap(at(slot, first), len(pages)))
@@ -391,7 +416,13 @@ impl World {
                 first,
                 pages,
                 device,
-            } => from_result(sim.migrate(at(slot, first), len(pages), device.then_some(DEVICE))),
+            } => match (device, slot % 2) {
+                (false, _) => from_result(sim.migrate(at(slot, first), len(pages), None)),
+                (true, 0) => from_result(sim.migrate(at(slot, first), len(pages), Some(DEVICE))),
+                (true, _) => {
+                    from_result(self.hmm.migrate_to_device(sim, at(slot, first), len(pages)))
+                }
+            },
             Op::Reclaim { slot, first, pages } => {
                 from_result(sim.reclaim(at(slot, first), len(pages)))
             }
