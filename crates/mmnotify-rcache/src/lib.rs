@@ -44,6 +44,7 @@
 
 mod blind;
 mod cache;
+pub mod check;
 mod error;
 mod frames;
 mod guard;

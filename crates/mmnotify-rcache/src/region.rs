@@ -135,8 +135,12 @@ impl<R: Registrar> IntervalSubscriber for RegionWatch<R> {
             }
             None => ctx.set_seq(),
         }
-        // No later event can matter: the region is invalid for good.
-        ctx.remove_deferred();
+        // Once the region exists and is invalid, no later event can matter. Before it exists
+        // (a late event for memory unmapped before this registration began, say) the interval
+        // must stay: the registering thread's read_begin/read_retry still need it.
+        if self.region.get().is_some() {
+            ctx.remove_deferred();
+        }
         Invalidate::Done
     }
 }
