@@ -162,7 +162,10 @@ pub(crate) struct Shared<R: Registrar> {
     /// Invalidated unused regions awaiting deregistration (pushed under the index lock).
     garbage: Mutex<Vec<RegionRef<R>>>,
     garbage_hint: AtomicBool,
+    /// The LRU clock: ticks at every put when `limited`.
     clock: AtomicU64,
+    /// A region or byte limit is set (eviction may happen).
+    limited: bool,
     next_id: AtomicU64,
     pub(crate) counters: Counters,
 }
@@ -264,9 +267,12 @@ impl<R: Registrar> Shared<R> {
 
     /// A holder's put.
     pub(crate) fn put(&self, region: &Region<R::Handle>) {
-        region
-            .last_used
-            .store(self.clock.load(Ordering::Relaxed), Ordering::Relaxed);
+        if self.limited {
+            // Exact LRU order costs one shared increment per put: paid only when a limit can
+            // make the cache evict.
+            let now = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
+            region.last_used.store(now, Ordering::Relaxed);
+        }
         let prev = region.state.fetch_sub(1, Ordering::AcqRel);
         if prev & REFS == 1 && prev & INVALID != 0 {
             Counters::bump(&self.counters.deferred_deregistrations);
@@ -339,6 +345,7 @@ impl<R: Registrar> Cache<R> {
                 garbage: Mutex::new(Vec::new()),
                 garbage_hint: AtomicBool::new(false),
                 clock: AtomicU64::new(1),
+                limited: config.max_regions != usize::MAX || config.max_bytes != u64::MAX,
                 next_id: AtomicU64::new(1),
                 counters: Counters::default(),
             }),
@@ -443,7 +450,6 @@ impl<R: Registrar> Cache<R> {
         let shared = &self.shared;
         let config = shared.config;
         for _attempt in 0..config.max_attempts {
-            shared.clock.fetch_add(1, Ordering::Relaxed);
             // 1. The range to register.
             let (mut target, mut target_access, mut absorbed) = (want, access, 0u64);
             if config.merge {

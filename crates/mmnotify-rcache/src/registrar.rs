@@ -36,3 +36,17 @@ pub trait Registrar: Send + Sync + 'static {
     /// Releases a registration. Called exactly once per handle `register` returned.
     fn deregister(&self, handle: &Self::Handle);
 }
+
+/// A shared registrar (so that the I/O helpers of a registrar stay reachable while a cache
+/// owns it) registers through the registrar it points to.
+impl<R: Registrar> Registrar for std::sync::Arc<R> {
+    type Handle = R::Handle;
+
+    fn register(&self, range: PageRange, access: Access) -> Result<Self::Handle, RegistrarError> {
+        (**self).register(range, access)
+    }
+
+    fn deregister(&self, handle: &Self::Handle) {
+        (**self).deregister(handle)
+    }
+}
