@@ -449,10 +449,11 @@ impl<R: Registrar> Cache<R> {
     fn miss(&self, want: PageRange, access: Access) -> Result<RegionGuard<'_, R>> {
         let shared = &self.shared;
         let config = shared.config;
+        let mut unmerged = false;
         for _attempt in 0..config.max_attempts {
             // 1. The range to register.
             let (mut target, mut target_access, mut absorbed) = (want, access, 0u64);
-            if config.merge {
+            if config.merge && !unmerged {
                 let index = shared.read();
                 for r in index.around(want, true) {
                     if !r.is_invalid() {
@@ -462,27 +463,11 @@ impl<R: Registrar> Cache<R> {
                     }
                 }
             }
-            // 2. Prepare and classify (falling back to the request alone if the merged range
-            //    is no longer all mapped).
-            let blind = match self.prepare(target) {
-                Ok(b) => b,
-                Err(Error::Unmapped { .. }) if target != want => {
-                    (target, target_access, absorbed) = (want, access, 0);
-                    self.prepare(target)?
-                }
-                Err(e) => return Err(e),
-            };
-            let mut validate = false;
-            if let Some(reason) = blind.clone() {
-                match config.blind_spots {
-                    BlindSpotPolicy::Trust => {}
-                    BlindSpotPolicy::ValidateFrames if mmnotify_uffd::pagemap::pfns_visible() => {
-                        validate = true;
-                    }
-                    _ => return self.uncached(want, access, reason),
-                }
-            }
-            // 3. Subscribe, read_begin, register with no lock held.
+            // 2. Subscribe and read_begin *before* the watcher registers the memory: a
+            //    replacement after this point either happens before `watch` (and the new
+            //    memory is what gets watched and pinned) or after it (and its event reaches
+            //    this interval, so read_retry reports it). Watching first would leave a gap
+            //    where a replaced, unwatched mapping gets pinned without any event.
             let watch = Arc::new(RegionWatch::<R> {
                 region: OnceLock::new(),
                 cache: Arc::downgrade(shared),
@@ -495,6 +480,34 @@ impl<R: Registrar> Cache<R> {
                     return Err(e);
                 }
             };
+            // 3. Watch and classify (falling back to the request alone if the merged range is
+            //    no longer all mapped).
+            let blind = match self.prepare(target) {
+                Ok(b) => b,
+                Err(Error::Unmapped { .. }) if target != want => {
+                    interval.remove_deferred();
+                    unmerged = true;
+                    continue;
+                }
+                Err(e) => {
+                    interval.remove_deferred();
+                    return Err(e);
+                }
+            };
+            let mut validate = false;
+            if let Some(reason) = blind.clone() {
+                match config.blind_spots {
+                    BlindSpotPolicy::Trust => {}
+                    BlindSpotPolicy::ValidateFrames if mmnotify_uffd::pagemap::pfns_visible() => {
+                        validate = true;
+                    }
+                    _ => {
+                        interval.remove_deferred();
+                        return self.uncached(want, access, reason);
+                    }
+                }
+            }
+            // 4. Register with no lock held.
             let handle = match shared.register(target, target_access) {
                 Ok(h) => h,
                 Err(e) => {
@@ -529,7 +542,7 @@ impl<R: Registrar> Cache<R> {
                     return self.uncached(want, access, reason);
                 }
             }
-            // 4. Commit under the lock the invalidation callback takes around set_seq.
+            // 5. Commit under the lock the invalidation callback takes around set_seq.
             let mut victims = Vec::new();
             let outcome = {
                 let mut index = shared.write();
