@@ -190,17 +190,17 @@ impl<R: Registrar> Shared<R> {
         let mut index = self.write();
         ctx.set_seq();
         let region = region?;
+        let first_change = !region.changed.swap(true, Ordering::SeqCst);
         let prev = region.mark_invalid();
-        if prev & INVALID != 0 {
-            return None;
-        }
-        Counters::bump(&self.counters.invalidations);
-        index.unlink(region);
-        if prev & REFS == 0 {
-            self.queue_garbage(Arc::clone(region));
+        if prev & INVALID == 0 {
+            Counters::bump(&self.counters.invalidations);
+            index.unlink(region);
+            if prev & REFS == 0 {
+                self.queue_garbage(Arc::clone(region));
+            }
         }
         drop(index);
-        Some(region.take_callbacks())
+        first_change.then(|| region.take_callbacks())
     }
 
     fn queue_garbage(&self, region: RegionRef<R>) {
@@ -528,6 +528,7 @@ impl<R: Registrar> Cache<R> {
                 state: AtomicU64::new(1),
                 last_used: AtomicU64::new(0),
                 linked: AtomicBool::new(false),
+                changed: AtomicBool::new(false),
                 interval,
                 created: seq,
                 frames,

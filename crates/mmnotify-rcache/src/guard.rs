@@ -110,10 +110,12 @@ impl<'c, R: Registrar> RegionGuard<'c, R> {
     /// Whether the memory behind the registration changed since it was registered (an
     /// unmap, a madvise, a remap...): the registration then refers to pages no longer mapped
     /// at its address; it stays registered until this guard (and any other holder) is dropped.
-    /// Always false for an uncached registration, which nothing watches.
+    /// (A region the cache merged into a larger one is not handed out again either, but its
+    /// memory did not change: false.) Always false for an uncached registration, which
+    /// nothing watches.
     pub fn is_invalidated(&self) -> bool {
         match &self.held {
-            Held::Cached(r) => r.is_invalid(),
+            Held::Cached(r) => r.memory_changed(),
             Held::Uncached { .. } => false,
         }
     }
@@ -131,7 +133,7 @@ impl<'c, R: Registrar> RegionGuard<'c, R> {
                 .on_invalidate
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            if region.is_invalid() {
+            if region.memory_changed() {
                 Some(Box::new(f))
             } else {
                 list.push(Box::new(f));

@@ -56,6 +56,9 @@ pub(crate) struct Region<H> {
     pub(crate) interval: SourceInterval,
     /// The sequence of the `read_begin` whose `read_retry` admitted the region.
     pub(crate) created: SourceSeq,
+    /// The memory changed (an invalidation reached the region): what holders are told. A
+    /// region retired by the cache itself (merged away) is INVALID but not changed.
+    pub(crate) changed: AtomicBool,
     /// For blind memory validated on every hit.
     pub(crate) frames: Option<FrameSnapshot>,
     pub(crate) on_invalidate: Mutex<Vec<OnInvalidate>>,
@@ -75,6 +78,11 @@ impl<H> std::fmt::Debug for Region<H> {
 }
 
 impl<H> Region<H> {
+    /// Whether an invalidation reached the region (its memory changed).
+    pub(crate) fn memory_changed(&self) -> bool {
+        self.changed.load(Ordering::SeqCst)
+    }
+
     pub(crate) fn is_invalid(&self) -> bool {
         self.state.load(Ordering::Acquire) & INVALID != 0
     }
