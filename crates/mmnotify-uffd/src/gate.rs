@@ -24,7 +24,9 @@
 //! never touches a lock a parent thread may have held at fork time.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::OnceLock;
+
+use crate::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, FailReason, Result};
@@ -187,7 +189,7 @@ impl Gate {
         // SeqCst pairs with the waiter's increment of `waiters` before it re-checks: either it
         // sees the new value or we see it waiting.
         if self.waiters.load(Ordering::SeqCst) > 0 {
-            let _l = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _l = self.lock.lock();
             self.changed.notify_all();
         }
     }
@@ -203,7 +205,7 @@ impl Gate {
     /// Marks the watcher failed (the first reason wins) and wakes every waiter.
     pub(crate) fn fail(&self, reason: FailReason) {
         {
-            let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+            let mut r = self.reason.lock();
             if r.is_none() {
                 *r = Some(reason);
             }
@@ -211,7 +213,7 @@ impl Gate {
         let _ = self
             .state
             .compare_exchange(RUNNING, FAILED, Ordering::SeqCst, Ordering::SeqCst);
-        let _l = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _l = self.lock.lock();
         self.changed.notify_all();
     }
 
@@ -220,7 +222,7 @@ impl Gate {
         let _ = self
             .state
             .compare_exchange(RUNNING, SHUT_DOWN, Ordering::SeqCst, Ordering::SeqCst);
-        let _l = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _l = self.lock.lock();
         self.changed.notify_all();
     }
 
@@ -234,12 +236,7 @@ impl Gate {
         match self.state.load(Ordering::SeqCst) {
             RUNNING => Health::Running,
             SHUT_DOWN => Health::ShutDown,
-            _ => Health::Failed(
-                self.reason
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .unwrap_or(FailReason::ReaderDied),
-            ),
+            _ => Health::Failed(self.reason.lock().unwrap_or(FailReason::ReaderDied)),
         }
     }
 
@@ -277,7 +274,7 @@ impl Gate {
         let begun = Instant::now();
         self.waiters.fetch_add(1, Ordering::SeqCst);
         let _unwait = Unwait(&self.waiters);
-        let mut l = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut l = self.lock.lock();
         loop {
             self.check()?;
             let opened = self.opened.load(Ordering::SeqCst);
@@ -299,11 +296,7 @@ impl Gate {
                 }
                 None => slice,
             };
-            l = self
-                .changed
-                .wait_timeout(l, wait)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            l = self.changed.wait_timeout(l, wait);
         }
     }
 

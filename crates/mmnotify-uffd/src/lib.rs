@@ -52,6 +52,7 @@ mod handoff;
 mod interval;
 pub mod maps;
 pub mod pagemap;
+mod sync;
 mod sys;
 mod watch;
 mod watcher;

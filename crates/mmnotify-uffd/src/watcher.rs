@@ -39,7 +39,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -50,6 +50,7 @@ use crate::error::{Error, FailReason, Result};
 use crate::gate::{self, Gate, Health};
 use crate::handoff::{Handoff, Item};
 use crate::interval::WatchedInterval;
+use crate::sync::{Mutex, RwLock};
 use crate::sys::{self, Msg};
 use crate::watch::{self, WatchReport};
 
@@ -357,7 +358,7 @@ impl Watcher {
     }
 
     fn obtain(options: Option<WatcherOptions>) -> Result<Watcher> {
-        let mut slot = PROCESS_WATCHER.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = PROCESS_WATCHER.lock();
         if let Some(handle) = slot.as_ref().and_then(Weak::upgrade) {
             match handle.core.gate.health() {
                 Health::Running => {
@@ -447,7 +448,7 @@ impl Watcher {
     pub fn watch(&self, addr: u64, len: u64) -> Result<WatchReport> {
         let end = watch::validate(addr, len)?;
         self.core().gate.check()?;
-        let uffd = self.core().uffd.read().unwrap_or_else(|p| p.into_inner());
+        let uffd = self.core().uffd.read();
         let fd = uffd.as_ref().ok_or(Error::ShutDown)?;
         watch::register_range(fd.as_fd(), addr, end, self.core().features.wp_async)
     }
@@ -461,7 +462,7 @@ impl Watcher {
     pub fn unwatch(&self, addr: u64, len: u64) -> Result<usize> {
         let end = watch::validate(addr, len)?;
         self.core().gate.check()?;
-        let uffd = self.core().uffd.read().unwrap_or_else(|p| p.into_inner());
+        let uffd = self.core().uffd.read();
         let fd = uffd.as_ref().ok_or(Error::ShutDown)?;
         watch::unregister_range(fd.as_fd(), addr, end)
     }
@@ -656,10 +657,7 @@ impl Core {
             .spawn(move || dispatcher_main(dispatcher_core))
             .map_err(|e| Error::syscall("spawning the dispatcher thread", e))?;
         let _ = ready_rx.recv_timeout(Duration::from_secs(10));
-        core.threads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend([reader, dispatcher]);
+        core.threads.lock().extend([reader, dispatcher]);
         tracing::debug!(target: "mmnotify_uffd", fd = raw_fd, supported, enabled, "watcher created");
         Ok(core)
     }
@@ -679,7 +677,7 @@ impl Core {
             // Joining would wait for the callback we are in; the threads end on their own.
             return;
         }
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        let threads = std::mem::take(&mut *self.threads.lock());
         let me = thread::current().id();
         for t in threads {
             if t.thread().id() != me {
@@ -691,7 +689,7 @@ impl Core {
     /// Closes the userfaultfd: unregisters everything and releases every waiting unmapper.
     /// When the number no longer names our file, it is forgotten, not closed.
     fn close_uffd(&self, ours: bool) {
-        let mut slot = self.uffd.write().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.uffd.write();
         if let Some(fd) = slot.take() {
             if ours {
                 drop(fd);

@@ -9,6 +9,8 @@
 //! * many threads unmapping watched memory at once;
 //! * blocking watcher calls from a callback are refused with a typed error, not a hang.
 
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::ffi::c_void;

@@ -3,6 +3,8 @@
 //! error — and nothing hangs. Cases that break or configure the process's one watcher run in
 //! a child process (this test binary re-run with a role); every wait is bounded.
 
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::ffi::c_void;

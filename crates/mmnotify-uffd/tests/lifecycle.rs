@@ -4,6 +4,8 @@
 //! descriptors, shutdown from a callback and during unmaps. Typed errors, nothing lost, never
 //! a panic or a hang. Cases that shut the process's watcher down run in child processes.
 
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::ffi::c_void;

@@ -8,6 +8,8 @@
 //! All tests share the process's one watcher; each works on memory of its own, so they do not
 //! interfere.
 
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::ffi::c_void;
@@ -118,8 +120,8 @@ fn munmap_from_another_thread_is_seen() {
 fn madvise_case(advice: i32) {
     let w = watcher();
     let r = mirror_region(&w, map_anon(6) as u64, 6);
-    // SAFETY: the test owns the region; its contents may become zero.
     assert_eq!(
+        // SAFETY: the test owns the region; its contents may become zero.
         unsafe { libc::madvise(page(&r, 1) as *mut c_void, 2 * ps(), advice) },
         0
     );
@@ -170,8 +172,8 @@ fn madv_remove_on_memfd_delivers_clear() {
     let fd = memfd(4);
     let p = map_with(4, libc::MAP_SHARED, fd, 0);
     let r = mirror_region(&w, p as u64, 4);
-    // SAFETY: the test owns the mapping.
     assert_eq!(
+        // SAFETY: the test owns the mapping.
         unsafe { libc::madvise(page(&r, 0) as *mut c_void, 2 * ps(), libc::MADV_REMOVE) },
         0
     );
@@ -191,8 +193,8 @@ fn madv_remove_on_anonymous_private_fails_and_sends_nothing() {
     let _serial = serial();
     let w = watcher();
     let r = mirror_region(&w, map_anon(2) as u64, 2);
-    // SAFETY: the call fails (EINVAL) and changes nothing.
     assert_ne!(
+        // SAFETY: the call fails (EINVAL) and changes nothing.
         unsafe { libc::madvise(r.ptr(), r.len(), libc::MADV_REMOVE) },
         0
     );
@@ -415,8 +417,8 @@ fn map_fixed_over_live_memory_unmaps_and_the_new_mapping_must_be_rewatched() {
     assert_eq!(report.newly_watched(), 1, "{report:?}");
     assert!(r.mirror.fill(&r.iv, r.addr, 4));
     r.mirror.clear_events();
-    // SAFETY: the test owns the region.
     assert_eq!(
+        // SAFETY: the test owns the region.
         unsafe { libc::munmap(page(&r, 1) as *mut c_void, 2 * ps()) },
         0
     );
@@ -469,8 +471,8 @@ fn mprotect_sends_nothing_and_split_pieces_stay_watched() {
     let _serial = serial();
     let w = watcher();
     let r = mirror_region(&w, map_anon(4) as u64, 4);
-    // SAFETY: read-only on the middle pages; the test only reads them afterwards.
     assert_eq!(
+        // SAFETY: read-only on the middle pages; the test only reads them afterwards.
         unsafe { libc::mprotect(page(&r, 1) as *mut c_void, 2 * ps(), libc::PROT_READ) },
         0
     );
@@ -698,8 +700,8 @@ fn blind_spot_madv_remove_through_another_mapping_is_a_documented_miss() {
     let watched = map_with(2, libc::MAP_SHARED, fd, 0);
     let other = map_with(2, libc::MAP_SHARED, fd, 0);
     let r = mirror_region(&w, watched as u64, 2);
-    // SAFETY: punching through the unwatched alias.
     assert_eq!(
+        // SAFETY: punching through the unwatched alias.
         unsafe { libc::madvise(other as *mut c_void, 2 * ps(), libc::MADV_REMOVE) },
         0
     );
