@@ -335,13 +335,15 @@ static PROCESS_WATCHER: Mutex<Option<Weak<Handle>>> = Mutex::new(None);
 impl Watcher {
     /// The process's watcher, created with default options on first use (or after the
     /// previous one was shut down or failed). If it exists, it is returned whatever its
-    /// options.
+    /// options. In a forked child, the parent's watcher is left alone (it fails closed there)
+    /// and the child gets a watcher of its own; call this only where no other thread of the
+    /// parent could have held the process-wide slot's lock at the fork (for example right
+    /// after a fork from a single-threaded point, or after exec).
     ///
     /// # Errors
     ///
     /// The creation errors: [`Error::NoUserfaultfd`], [`Error::NotPermitted`],
-    /// [`Error::KernelTooOld`], [`Error::Forked`] (this is a child of the process that has
-    /// the watcher), [`Error::Syscall`].
+    /// [`Error::KernelTooOld`], [`Error::Syscall`].
     pub fn get() -> Result<Watcher> {
         Self::obtain(None)
     }
@@ -667,7 +669,7 @@ impl Core {
     }
 
     fn shutdown(&self) {
-        if !gate::ForkProbe::get().is_original() {
+        if !self.gate.is_original() {
             // A forked child's copy: its threads do not exist here; touch nothing.
             return;
         }
