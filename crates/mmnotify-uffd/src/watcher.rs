@@ -174,6 +174,20 @@ pub(crate) struct Core {
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// A private page for the mmap_lock fence.
     scratch: Scratch,
+    remap_hooks: Mutex<Vec<RemapHook>>,
+}
+
+type RemapHook = Arc<dyn Fn(Remap) + Send + Sync>;
+
+/// A move reported by the kernel (mremap): `len` bytes went from `from` to `to`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Remap {
+    /// The old start.
+    pub from: u64,
+    /// The new start.
+    pub to: u64,
+    /// The length moved.
+    pub len: u64,
 }
 
 /// How long the dispatcher waits to see a REMOVE's zap begin (U4).
@@ -521,6 +535,14 @@ impl Watcher {
         self.core().shutdown();
     }
 
+    /// Calls `hook` on the dispatcher for every REMAP (mremap move) the kernel reports, before
+    /// the old range is invalidated: a subscriber can learn where its memory went (the
+    /// engine's invalidation of the old range carries no destination). Hooks run like
+    /// callbacks: they may not call blocking watcher operations.
+    pub fn on_remap(&self, hook: impl Fn(Remap) + Send + Sync + 'static) {
+        self.core().remap_hooks.lock().push(Arc::new(hook));
+    }
+
     /// The raw descriptor number of the userfaultfd (for diagnostics).
     pub fn uffd_raw_fd(&self) -> i32 {
         self.core().raw_fd
@@ -643,6 +665,7 @@ impl Core {
             inject: AtomicU8::new(INJECT_NONE),
             threads: Mutex::new(Vec::new()),
             scratch: Scratch::new()?,
+            remap_hooks: Mutex::new(Vec::new()),
         });
         // The reader must be running (its buffer allocated, its thread set up) before anything
         // is registered: with EVENT_FORK a fork would otherwise wait for a reader that is still
@@ -744,7 +767,19 @@ impl Core {
                     self.mmap_lock_fence();
                 })
             }
-            Msg::Remap { from, len, .. } => {
+            Msg::Remap { from, to, len } => {
+                // Listeners learn the new address first, so that a mirror can re-point its
+                // entries at `to` when it drops them from `from` (the engine's events carry
+                // no destination).
+                let hooks: Vec<RemapHook> = self.remap_hooks.lock().clone();
+                let remap = Remap { from, to, len };
+                for h in hooks {
+                    if panic::catch_unwind(AssertUnwindSafe(|| h(remap))).is_err() {
+                        self.counters
+                            .callback_panics
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 self.deliver(from, from.saturating_add(len), Event::Unmap)
             }
             Msg::Fork { .. } => self.deliver(0, u64::MAX, Event::ProtectionPage),

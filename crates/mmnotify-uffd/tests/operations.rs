@@ -266,6 +266,9 @@ fn mremap_move_remaps_and_the_registration_follows() {
     let _serial = serial();
     let w = watcher();
     let r = mirror_region(&w, map_anon(4) as u64, 4);
+    let remaps = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = remaps.clone();
+    w.on_remap(move |m| seen.lock().unwrap().push(m));
     let hole = map_anon(8);
     // SAFETY: unmapping our reservation to get a free spot.
     unsafe { libc::munmap(hole as *mut c_void, 8 * ps()) };
@@ -284,6 +287,15 @@ fn mremap_move_remaps_and_the_registration_follows() {
     r.sync(&w);
     let ev = r.mirror.events();
     assert!(ev.contains(&(r.addr, page(&r, 4), Event::Unmap)), "{ev:?}");
+    let moves = remaps.lock().unwrap().clone();
+    assert!(
+        moves.contains(&mmnotify_uffd::Remap {
+            from: r.addr,
+            to: target,
+            len: r.len() as u64
+        }),
+        "{moves:?}"
+    );
     assert_eq!(r.mirror.len(), 0);
     // The moved memory is still registered: mirror it, then unmap it.
     let before = w.stats().unmaps;
