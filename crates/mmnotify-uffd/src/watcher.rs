@@ -1015,3 +1015,33 @@ fn dispatcher_main(core: Arc<Core>) {
             .fetch_add(1, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creation_errors_say_which() {
+        let e = |n| creation_error(io::Error::from_raw_os_error(n));
+        assert!(matches!(e(libc::ENOSYS), Error::NoUserfaultfd));
+        assert!(matches!(e(libc::EPERM), Error::NotPermitted { .. }));
+        assert!(matches!(e(libc::EACCES), Error::NotPermitted { .. }));
+        assert!(matches!(
+            e(libc::EINVAL),
+            Error::KernelTooOld {
+                missing: "UFFD_USER_MODE_ONLY",
+                ..
+            }
+        ));
+        assert!(matches!(e(libc::EMFILE), Error::Syscall { .. }));
+        assert!(e(libc::ENOSYS).to_string().contains("no userfaultfd"));
+    }
+
+    #[test]
+    fn handles_are_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Watcher>();
+        check::<WatchedInterval>();
+        check::<crate::WatchSeq>();
+    }
+}
