@@ -530,7 +530,8 @@ impl Watcher {
     /// unregistered), what was read is delivered, the `Mm` is released, the threads are joined
     /// (unless called from a callback). Afterwards every call on any handle fails with
     /// [`Error::ShutDown`], and [`Watcher::get`] creates a new watcher. Calling it twice is
-    /// harmless.
+    /// harmless. Like `Mm::release`, it waits for the subscribers' release callbacks: do not
+    /// call it (or drop the last handle) while holding a lock those callbacks take.
     pub fn shutdown(&self) {
         self.core().shutdown();
     }
