@@ -32,7 +32,9 @@
 //!
 //! | concept | file |
 //! |---|---|
-//! | the watcher, its threads, creation and shutdown | `watcher.rs` |
+//! | the watcher: creation, API, shutdown | `watcher.rs` |
+//! | the reader and dispatcher threads, message → invalidation | `threads.rs` |
+//! | REMOVE: holding the invalidation across the zap | `zap.rs` |
 //! | `watch`: whole-VMA registration and its typed results | `watch.rs` |
 //! | the read→delivery gate, health and fork detection | `gate.rs` |
 //! | the filler's handle | `interval.rs` |
@@ -52,9 +54,12 @@ mod handoff;
 mod interval;
 pub mod maps;
 pub mod pagemap;
+mod sync;
 mod sys;
+mod threads;
 mod watch;
 mod watcher;
+mod zap;
 
 pub use coop::{advice_invalidates, file_mappings};
 pub use error::{Error, FailReason, Result};
@@ -63,7 +68,7 @@ pub use interval::{WatchSeq, WatchedInterval};
 pub use watch::{SkipReason, Skipped, WatchOutcome, WatchReport, WatchedVma};
 #[cfg(feature = "fault-injection")]
 pub use watcher::Fault;
-pub use watcher::{Features, ForkEvents, Watcher, WatcherOptions, WatcherStats};
+pub use watcher::{Features, ForkEvents, Remap, Watcher, WatcherOptions, WatcherStats};
 
 /// The system page size, in bytes.
 pub fn page_size() -> u64 {

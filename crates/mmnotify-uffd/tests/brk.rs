@@ -1,6 +1,8 @@
 //! `brk` shrink (`sbrk(-n)`) delivers UNMAP: the operation-table row that touches the heap,
 //! run in a child process of its own so that no other test's allocations move the break.
 
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::time::Duration;
@@ -19,8 +21,8 @@ fn brk_shrink_delivers_unmap() {
 fn role_brk() {
     let w = Watcher::get().unwrap();
     let ps = ps() as isize;
-    // SAFETY: growing the break by pages this role owns, then shrinking it back; nothing
     // else in this single-test child moves the break meanwhile (checked below).
+    // SAFETY: growing the break by pages this role owns, then shrinking it back; nothing
     unsafe {
         let old = libc::sbrk(0) as isize;
         let aligned = (old + ps - 1) / ps * ps;

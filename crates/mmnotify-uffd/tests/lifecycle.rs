@@ -4,6 +4,8 @@
 //! descriptors, shutdown from a callback and during unmaps. Typed errors, nothing lost, never
 //! a panic or a hang. Cases that shut the process's watcher down run in child processes.
 
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::ffi::c_void;
@@ -52,18 +54,21 @@ fn unaligned_empty_and_overflowing_ranges_are_typed_errors() {
 fn unmapped_ranges_and_holes_are_reported() {
     let _serial = serial();
     let w = watcher();
+    let ps = ps() as u64;
+    // Below mmap_min_addr: never mapped.
+    assert!(matches!(
+        w.watch(ps, ps),
+        Err(Error::Unmapped { start, end }) if start == ps && end == 2 * ps
+    ));
+    // One-page holes inside a region of ours (too small for the other mappings the process
+    // makes meanwhile, such as a new thread's signal stack).
     let p = map_anon(6);
     // SAFETY: carving holes into our own region.
     unsafe {
-        libc::munmap(p as *mut c_void, ps());
-        libc::munmap(p.add(3 * ps()) as *mut c_void, ps());
+        libc::munmap(p.add(ps as usize) as *mut c_void, ps as usize);
+        libc::munmap(p.add(3 * ps as usize) as *mut c_void, ps as usize);
     }
     let p = p as u64;
-    let ps = ps() as u64;
-    assert!(matches!(
-        w.watch(p, ps),
-        Err(Error::Unmapped { start, end }) if start == p && end == p + ps
-    ));
     let report = w.watch(p, 6 * ps).unwrap();
     let holes: Vec<(u64, u64)> = report
         .skipped
@@ -71,9 +76,12 @@ fn unmapped_ranges_and_holes_are_reported() {
         .filter(|s| s.reason == SkipReason::Hole)
         .map(|s| (s.start, s.end))
         .collect();
-    assert!(holes.contains(&(p, p + ps)), "{report:?}");
-    assert!(holes.contains(&(p + 3 * ps, p + 4 * ps)), "{report:?}");
-    assert_eq!(report.newly_watched(), 2, "{report:?}");
+    assert_eq!(
+        holes,
+        vec![(p + ps, p + 2 * ps), (p + 3 * ps, p + 4 * ps)],
+        "{report:?}"
+    );
+    assert_eq!(report.newly_watched(), 3, "{report:?}");
     assert!(!report.is_complete());
 }
 
@@ -239,6 +247,107 @@ fn conflicting_options_and_bad_intervals_are_typed_errors() {
     ));
 }
 
+#[test]
+fn watching_a_sub_range_splits_no_vma() {
+    let _serial = serial();
+    let w = watcher();
+    let p = map_anon(16) as u64;
+    let before = maps::read_self_maps().unwrap().len();
+    let report = w.watch(p + 4 * ps() as u64, 2 * ps() as u64).unwrap();
+    assert_eq!(report.watched.len(), 1);
+    assert!(report.watched[0].start <= p && report.watched[0].end >= p + 16 * ps() as u64);
+    assert_eq!(
+        maps::read_self_maps().unwrap().len(),
+        before,
+        "no VMA was split"
+    );
+}
+
+#[test]
+fn unwatch_unregisters_whole_vmas_and_stops_the_events() {
+    let _serial = serial();
+    let w = watcher();
+    let r = mirror_region(&w, map_anon(2) as u64, 2);
+    assert_eq!(w.unwatch(r.addr, ps() as u64).unwrap(), 1, "the whole VMA");
+    let v = maps::read_self().unwrap();
+    assert!(maps::overlapping(&v, r.addr, r.addr + r.len() as u64)
+        .iter()
+        .all(|m| !m.uffd_wp));
+    let before = w.stats().unmaps;
+    // SAFETY: the test owns the region.
+    assert_eq!(unsafe { libc::munmap(r.ptr(), r.len()) }, 0);
+    r.sync(&w);
+    assert_eq!(w.stats().unmaps, before, "unwatched memory sends nothing");
+    assert!(matches!(
+        w.unwatch(r.addr, 0),
+        Err(Error::EmptyRange { .. })
+    ));
+}
+
+#[test]
+fn a_full_hand_off_ring_folds_messages_and_loses_nothing() {
+    let (ok, out) = run_child("child_entry", "overflow", LIMIT, false);
+    assert!(ok && out.contains("ROLE-OK overflows="), "{out}");
+    println!("{out}");
+}
+
+/// A callback that is slow, so that messages pile up behind it.
+struct Slow(Arc<Mirror>);
+
+impl IntervalSubscriber for Slow {
+    fn invalidate(&self, ctx: &IntervalCtx<'_>, inv: &Invalidation) -> Invalidate {
+        std::thread::sleep(Duration::from_millis(2));
+        self.0.invalidate(ctx, inv)
+    }
+}
+
+fn role_overflow() {
+    let w = Watcher::with_options(WatcherOptions {
+        queue_capacity: 4,
+        read_batch: 1,
+        ..WatcherOptions::default()
+    })
+    .unwrap();
+    const THREADS: usize = 4;
+    const EACH: usize = 50;
+    let mirror = Arc::new(Mirror::default());
+    let mut bases = Vec::new();
+    let mut ivs = Vec::new();
+    for _ in 0..THREADS {
+        let base = map_anon(EACH) as u64;
+        let _ = w.watch(base, (EACH * ps()) as u64).unwrap();
+        let iv = w
+            .insert_interval(base, (EACH * ps()) as u64, Arc::new(Slow(mirror.clone())))
+            .unwrap();
+        assert!(mirror.fill(&iv, base, EACH));
+        ivs.push(iv);
+        bases.push(base);
+    }
+    let hs: Vec<_> = bases
+        .iter()
+        .map(|&base| {
+            std::thread::spawn(move || {
+                for i in 0..EACH {
+                    let p = base + (i * ps()) as u64;
+                    // SAFETY: each thread owns its region.
+                    assert_eq!(unsafe { libc::munmap(p as *mut c_void, ps()) }, 0);
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    w.synchronize(LIMIT).unwrap();
+    let stats = w.stats();
+    assert!(stats.overflows > 0, "the ring never filled: {stats:?}");
+    assert_eq!(stats.unmaps, (THREADS * EACH) as u64, "{stats:?}");
+    // Every page was invalidated (some through a folded, covering invalidation).
+    assert_eq!(mirror.len(), 0);
+    assert!(mirror.incoherent().is_empty());
+    println!("ROLE-OK overflows={} stats={stats:?}", stats.overflows);
+}
+
 // --- shutdown, in child processes -----------------------------------------------------------
 
 #[test]
@@ -313,8 +422,9 @@ fn role_no_leak() {
     assert!(maps::overlapping(&v, r.addr, r.addr + r.len() as u64)
         .iter()
         .all(|m| !m.uffd_wp));
+    // The cooperative wrappers still make the call after shutdown (nobody is told).
     // SAFETY: the role's own region.
-    assert_eq!(unsafe { libc::munmap(r.ptr(), r.len()) }, 0);
+    unsafe { keep.munmap(r.ptr(), r.len()) }.unwrap();
     drop(keep);
     drop(r);
     assert_eq!(count("/proc/self/fd"), fds, "descriptors closed");
@@ -410,6 +520,7 @@ fn child_entry() {
         Some("no_leak") => role_no_leak(),
         Some("from_callback") => role_from_callback(),
         Some("during_unmaps") => role_during_unmaps(),
+        Some("overflow") => role_overflow(),
         other => panic!("child_entry needs MMNOTIFY_UFFD_ROLE, got {other:?}"),
     }
     println!("ROLE-OK");

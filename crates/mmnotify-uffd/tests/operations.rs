@@ -8,6 +8,8 @@
 //! All tests share the process's one watcher; each works on memory of its own, so they do not
 //! interfere.
 
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::ffi::c_void;
@@ -118,8 +120,8 @@ fn munmap_from_another_thread_is_seen() {
 fn madvise_case(advice: i32) {
     let w = watcher();
     let r = mirror_region(&w, map_anon(6) as u64, 6);
-    // SAFETY: the test owns the region; its contents may become zero.
     assert_eq!(
+        // SAFETY: the test owns the region; its contents may become zero.
         unsafe { libc::madvise(page(&r, 1) as *mut c_void, 2 * ps(), advice) },
         0
     );
@@ -170,8 +172,8 @@ fn madv_remove_on_memfd_delivers_clear() {
     let fd = memfd(4);
     let p = map_with(4, libc::MAP_SHARED, fd, 0);
     let r = mirror_region(&w, p as u64, 4);
-    // SAFETY: the test owns the mapping.
     assert_eq!(
+        // SAFETY: the test owns the mapping.
         unsafe { libc::madvise(page(&r, 0) as *mut c_void, 2 * ps(), libc::MADV_REMOVE) },
         0
     );
@@ -191,8 +193,8 @@ fn madv_remove_on_anonymous_private_fails_and_sends_nothing() {
     let _serial = serial();
     let w = watcher();
     let r = mirror_region(&w, map_anon(2) as u64, 2);
-    // SAFETY: the call fails (EINVAL) and changes nothing.
     assert_ne!(
+        // SAFETY: the call fails (EINVAL) and changes nothing.
         unsafe { libc::madvise(r.ptr(), r.len(), libc::MADV_REMOVE) },
         0
     );
@@ -264,11 +266,14 @@ fn mremap_move_remaps_and_the_registration_follows() {
     let _serial = serial();
     let w = watcher();
     let r = mirror_region(&w, map_anon(4) as u64, 4);
+    let remaps = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = remaps.clone();
+    w.on_remap(move |m| seen.lock().unwrap().push(m));
+    // An unwatched reservation of ours is the target: MREMAP_FIXED replaces it (and never
+    // anybody else's mapping, as a freed spot could be taken meanwhile).
     let hole = map_anon(8);
-    // SAFETY: unmapping our reservation to get a free spot.
-    unsafe { libc::munmap(hole as *mut c_void, 8 * ps()) };
     let target = hole as u64 + 2 * ps() as u64;
-    // SAFETY: moving our own mapping to a free spot.
+    // SAFETY: moving our own mapping over our own reservation.
     let p = unsafe {
         libc::mremap(
             r.ptr(),
@@ -282,6 +287,15 @@ fn mremap_move_remaps_and_the_registration_follows() {
     r.sync(&w);
     let ev = r.mirror.events();
     assert!(ev.contains(&(r.addr, page(&r, 4), Event::Unmap)), "{ev:?}");
+    let moves = remaps.lock().unwrap().clone();
+    assert!(
+        moves.contains(&mmnotify_uffd::Remap {
+            from: r.addr,
+            to: target,
+            len: r.len() as u64
+        }),
+        "{moves:?}"
+    );
     assert_eq!(r.mirror.len(), 0);
     // The moved memory is still registered: mirror it, then unmap it.
     let before = w.stats().unmaps;
@@ -415,8 +429,8 @@ fn map_fixed_over_live_memory_unmaps_and_the_new_mapping_must_be_rewatched() {
     assert_eq!(report.newly_watched(), 1, "{report:?}");
     assert!(r.mirror.fill(&r.iv, r.addr, 4));
     r.mirror.clear_events();
-    // SAFETY: the test owns the region.
     assert_eq!(
+        // SAFETY: the test owns the region.
         unsafe { libc::munmap(page(&r, 1) as *mut c_void, 2 * ps()) },
         0
     );
@@ -469,8 +483,8 @@ fn mprotect_sends_nothing_and_split_pieces_stay_watched() {
     let _serial = serial();
     let w = watcher();
     let r = mirror_region(&w, map_anon(4) as u64, 4);
-    // SAFETY: read-only on the middle pages; the test only reads them afterwards.
     assert_eq!(
+        // SAFETY: read-only on the middle pages; the test only reads them afterwards.
         unsafe { libc::mprotect(page(&r, 1) as *mut c_void, 2 * ps(), libc::PROT_READ) },
         0
     );
@@ -698,8 +712,8 @@ fn blind_spot_madv_remove_through_another_mapping_is_a_documented_miss() {
     let watched = map_with(2, libc::MAP_SHARED, fd, 0);
     let other = map_with(2, libc::MAP_SHARED, fd, 0);
     let r = mirror_region(&w, watched as u64, 2);
-    // SAFETY: punching through the unwatched alias.
     assert_eq!(
+        // SAFETY: punching through the unwatched alias.
         unsafe { libc::madvise(other as *mut c_void, 2 * ps(), libc::MADV_REMOVE) },
         0
     );
@@ -807,4 +821,74 @@ fn blind_spot_copy_on_write_after_fork_is_a_documented_miss() {
         1,
         "the documented miss: the frame changed, no event"
     );
+}
+
+/// A classic subscriber that logs starts and ends.
+#[derive(Default)]
+struct Classic {
+    log: std::sync::Mutex<Vec<(&'static str, u64, u64, Event)>>,
+    watch: (u64, u64),
+}
+
+impl mmnotify::Subscriber for Classic {
+    fn capabilities(&self) -> mmnotify::Capabilities {
+        mmnotify::Capabilities::new().with_start().with_end()
+    }
+    fn invalidate_range_start(
+        &self,
+        inv: &mmnotify::Invalidation,
+    ) -> Result<(), mmnotify::Refused> {
+        let r = inv.range();
+        if r.start() < self.watch.1 && self.watch.0 < r.end() {
+            self.log
+                .lock()
+                .unwrap()
+                .push(("start", r.start(), r.end(), inv.event()));
+        }
+        Ok(())
+    }
+    fn invalidate_range_end(&self, inv: &mmnotify::Invalidation) {
+        let r = inv.range();
+        if r.start() < self.watch.1 && self.watch.0 < r.end() {
+            self.log
+                .lock()
+                .unwrap()
+                .push(("end", r.start(), r.end(), inv.event()));
+        }
+    }
+}
+
+#[test]
+fn classic_subscribers_get_paired_start_and_end() {
+    let _serial = serial();
+    let w = watcher();
+    let p = map_anon(4) as u64;
+    let end = p + 4 * ps() as u64;
+    let _ = w.watch(p, 4 * ps() as u64).unwrap();
+    let sub = std::sync::Arc::new(Classic {
+        watch: (p, end),
+        ..Default::default()
+    });
+    let id = w.mm().register(sub.clone()).unwrap();
+    // SAFETY: the test owns the region.
+    unsafe {
+        assert_eq!(
+            libc::madvise(p as *mut c_void, ps(), libc::MADV_DONTNEED),
+            0
+        );
+        assert_eq!(libc::munmap(p as *mut c_void, 4 * ps()), 0);
+    }
+    w.synchronize(Duration::from_secs(10)).unwrap();
+    let log = sub.log.lock().unwrap().clone();
+    let q = p + ps() as u64;
+    assert_eq!(
+        log,
+        vec![
+            ("start", p, q, Event::Clear),
+            ("end", p, q, Event::Clear),
+            ("start", p, end, Event::Unmap),
+            ("end", p, end, Event::Unmap),
+        ]
+    );
+    w.mm().unregister(id).unwrap();
 }

@@ -19,6 +19,8 @@
 //! the gate covers; its count is printed, not asserted (it depends on scheduling). The counts
 //! of both runs are printed, so a run that never raced is visible.
 
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::ffi::c_void;

@@ -2,7 +2,7 @@
 //! through the collision-retry protocol, a coherence judge against /proc/self/pagemap, child
 //! processes (re-running this test binary with a role), and timeouts.
 
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::disallowed_types)]
 
 use std::collections::BTreeMap;
 use std::ffi::c_void;
