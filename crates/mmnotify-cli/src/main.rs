@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod rcache_check;
 mod torture;
 mod trace;
 
@@ -32,6 +33,8 @@ enum Command {
     Torture(torture::TortureArgs),
     /// Measure the notifier fast paths against naive baselines; print a table, write SVG charts.
     Bench(bench::BenchArgs),
+    /// Print the registration cache's stale-address matrix on real memory (exit 1 on a stale hit).
+    RcacheCheck(rcache_check::RcacheCheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Torture(args) => torture::run(&args),
         Command::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::RcacheCheck(args) => rcache_check::run(&args),
     };
     match result {
         Ok(code) => code,
