@@ -78,9 +78,17 @@ pub(crate) fn classify(
     unwatched: &[(PageRange, String)],
 ) -> Result<Option<BlindReason>> {
     let vmas = maps::read_self_maps().map_err(|source| Error::Maps { range, source })?;
+    classify_vmas(range, &vmas, unwatched)
+}
+
+fn classify_vmas(
+    range: PageRange,
+    vmas: &[maps::Vma],
+    unwatched: &[(PageRange, String)],
+) -> Result<Option<BlindReason>> {
     let mut cursor = range.start();
     let mut reason = None;
-    for vma in maps::overlapping(&vmas, range.start(), range.end()) {
+    for vma in maps::overlapping(vmas, range.start(), range.end()) {
         if vma.start > cursor {
             return Err(hole(range, cursor, vma.start));
         }

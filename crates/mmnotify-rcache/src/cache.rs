@@ -38,7 +38,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use mmnotify::IntervalCtx;
+use mmnotify::{IntervalCtx, SubscriberId};
 
 use crate::blind::{self, BlindReason, BlindSpotPolicy, FrameSnapshot};
 use crate::error::{panic_message, Error, Result};
@@ -48,6 +48,7 @@ use crate::region::{Region, RegionWatch, INVALID, REFS};
 use crate::registrar::Registrar;
 use crate::source::EventSource;
 use crate::stats::{Counters, Stats};
+use crate::watched::{Forget, WatchedSet};
 
 /// How the cache behaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,6 +167,9 @@ pub(crate) struct Shared<R: Registrar> {
     clock: AtomicU64,
     /// A region or byte limit is set (eviction may happen).
     limited: bool,
+    /// With the watcher as source: the VMAs known to be watched, and the subscriber that
+    /// forgets them.
+    watched: Option<(Arc<WatchedSet>, SubscriberId)>,
     next_id: AtomicU64,
     pub(crate) counters: Counters,
 }
@@ -332,6 +336,18 @@ enum Lookup<R: Registrar> {
 impl<R: Registrar> Cache<R> {
     /// A cache over `registrar`, invalidated by `source`.
     pub fn new(registrar: R, source: EventSource, config: Config) -> Cache<R> {
+        let watched = match &source {
+            EventSource::Watcher(w) => {
+                let set = Arc::new(WatchedSet::default());
+                // Registration fails only on a released Mm (a shut-down watcher); the cache
+                // then has no set and watches on every miss, whose `watch` fails closed.
+                w.mm()
+                    .register(Arc::new(Forget(set.clone())))
+                    .ok()
+                    .map(|id| (set, id))
+            }
+            EventSource::Mm(_) => None,
+        };
         Cache {
             shared: Arc::new(Shared {
                 registrar,
@@ -346,6 +362,7 @@ impl<R: Registrar> Cache<R> {
                 garbage_hint: AtomicBool::new(false),
                 clock: AtomicU64::new(1),
                 limited: config.max_regions != usize::MAX || config.max_bytes != u64::MAX,
+                watched,
                 next_id: AtomicU64::new(1),
                 counters: Counters::default(),
             }),
@@ -604,14 +621,26 @@ impl<R: Registrar> Cache<R> {
         })
     }
 
-    /// Watches (with the watcher) and classifies `range`.
+    /// Makes sure the watcher sees `range` (skipping `watch` when remembered VMAs cover it,
+    /// see `watched.rs`) and classifies it from /proc/self/maps. Called after `read_begin`.
     fn prepare(&self, range: PageRange) -> Result<Option<BlindReason>> {
-        let unwatched = self.shared.source.prepare(range)?;
-        if self.shared.source.is_real_memory() {
-            blind::classify(range, &unwatched)
+        let Some((set, _)) = &self.shared.watched else {
+            return if self.shared.source.is_real_memory() {
+                let w = self.shared.source.watch(range)?;
+                blind::classify(range, &w.unwatched)
+            } else {
+                Ok(None)
+            };
+        };
+        let unwatched = if set.covers(range) {
+            Vec::new()
         } else {
-            Ok(None)
-        }
+            let epoch = set.epoch();
+            let watched = self.shared.source.watch(range)?;
+            set.remember(epoch, watched.vmas);
+            watched.unwatched
+        };
+        blind::classify(range, &unwatched)
     }
 
     /// Registers blind memory for one use.
@@ -780,5 +809,8 @@ impl<R: Registrar> Drop for Cache<R> {
         }
         self.shared.garbage_hint.store(true, Ordering::Relaxed);
         self.shared.flush();
+        if let Some((_, id)) = &self.shared.watched {
+            let _ = self.shared.source.mm().unregister(*id);
+        }
     }
 }

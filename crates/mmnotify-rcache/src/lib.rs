@@ -33,6 +33,7 @@
 //! | the region guard (the put, invalidation queries) | `guard.rs` |
 //! | event sources (watcher or `Mm`) | `source.rs` |
 //! | memory the watcher cannot see | `blind.rs` |
+//! | which memory is watched already | `watched.rs` |
 //! | the registrar trait | `registrar.rs` |
 //! | io_uring fixed buffers | `uring.rs` |
 //! | page frames | `frames.rs` |
@@ -54,6 +55,7 @@ mod registrar;
 mod source;
 mod stats;
 mod uring;
+mod watched;
 
 pub use blind::{BlindReason, BlindSpotPolicy};
 pub use cache::{Cache, Config};

@@ -59,34 +59,38 @@ impl EventSource {
         matches!(self, EventSource::Watcher(_))
     }
 
-    /// Makes the source watch `range` before it is registered; returns the parts it cannot see.
-    pub(crate) fn prepare(&self, range: PageRange) -> Result<Vec<(PageRange, String)>> {
-        match self {
-            EventSource::Mm(_) => Ok(Vec::new()),
-            EventSource::Watcher(w) => match w.watch(range.start(), range.len()) {
-                Ok(report) => Ok(report
-                    .skipped
-                    .iter()
-                    .filter_map(|s| {
-                        PageRange::from_bounds(s.start, s.end).map(|r| (r, s.reason.to_string()))
-                    })
-                    .collect()),
-                Err(mmnotify_uffd::Error::Unmapped { .. }) => Err(Error::Unmapped {
-                    range,
-                    hole: range,
-                }),
-                // Mapped but nothing watchable (vdso-like, another uffd owns it): blind.
-                Err(mmnotify_uffd::Error::NothingWatchable { skipped, .. }) => Ok(skipped
-                    .iter()
-                    .filter_map(|s| {
-                        PageRange::from_bounds(s.start, s.end).map(|r| (r, s.reason.to_string()))
-                    })
-                    .collect()),
-                Err(mmnotify_uffd::Error::AlreadyOwned { .. }) => {
-                    Ok(vec![(range, "another userfaultfd owns it".to_string())])
-                }
-                Err(e) => Err(e.into()),
-            },
+    /// Makes the watcher watch `range` before it is registered; returns the parts it cannot
+    /// see, and the VMAs it registered (whole, possibly larger than the range).
+    pub(crate) fn watch(&self, range: PageRange) -> Result<Watched> {
+        let EventSource::Watcher(w) = self else {
+            return Ok(Watched::default());
+        };
+        let skipped = |list: &[mmnotify_uffd::Skipped]| -> Vec<(PageRange, String)> {
+            list.iter()
+                .filter_map(|s| {
+                    PageRange::from_bounds(s.start, s.end).map(|r| (r, s.reason.to_string()))
+                })
+                .collect()
+        };
+        match w.watch(range.start(), range.len()) {
+            Ok(report) => Ok(Watched {
+                unwatched: skipped(&report.skipped),
+                vmas: report.watched.iter().map(|v| (v.start, v.end)).collect(),
+            }),
+            Err(mmnotify_uffd::Error::Unmapped { .. }) => Err(Error::Unmapped {
+                range,
+                hole: range,
+            }),
+            // Mapped but nothing watchable (vdso-like, another uffd owns it): blind.
+            Err(mmnotify_uffd::Error::NothingWatchable { skipped: s, .. }) => Ok(Watched {
+                unwatched: skipped(&s),
+                vmas: Vec::new(),
+            }),
+            Err(mmnotify_uffd::Error::AlreadyOwned { .. }) => Ok(Watched {
+                unwatched: vec![(range, "another userfaultfd owns it".to_string())],
+                vmas: Vec::new(),
+            }),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -106,6 +110,15 @@ impl EventSource {
             ),
         })
     }
+}
+
+/// What `watch` reported.
+#[derive(Debug, Default)]
+pub(crate) struct Watched {
+    /// Parts the watcher cannot see, with its reason.
+    pub(crate) unwatched: Vec<(PageRange, String)>,
+    /// Whole VMAs registered (now or before).
+    pub(crate) vmas: Vec<(u64, u64)>,
 }
 
 /// A region's interval subscription.
