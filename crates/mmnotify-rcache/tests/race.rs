@@ -60,6 +60,7 @@ struct Counts {
     gets: u64,
     stale: u64,
     gone: u64,
+    unstable: u64,
     remaps: u64,
 }
 
@@ -139,6 +140,11 @@ fn race(mode: Remap, secs: u64) -> (Counts, mmnotify_rcache::Stats) {
                 counts.gone += 1;
                 continue;
             }
+            // Every attempt collided with a remap: the memory never held still long enough.
+            Err(Error::Unstable { .. }) => {
+                counts.unstable += 1;
+                continue;
+            }
             Err(e) => panic!("get: {e}"),
         };
         let n = registrar
@@ -179,9 +185,17 @@ fn run(mode: Remap) {
     let _serial = common::serial();
     let (c, s) = common::bounded(Duration::from_secs(secs * 10 + 60), move || race(mode, secs));
     println!(
-        "{mode:?}: {} gets, {} hits, {} misses, {} collisions, {} while unmapped, {} remaps, \
-         {} invalidations, {} STALE",
-        c.gets, s.hits, s.misses, s.collisions, c.gone, c.remaps, s.invalidations, c.stale
+        "{mode:?}: {} gets, {} hits, {} misses, {} collisions, {} while unmapped, {} unstable, \
+         {} remaps, {} invalidations, {} STALE",
+        c.gets,
+        s.hits,
+        s.misses,
+        s.collisions,
+        c.gone,
+        c.unstable,
+        c.remaps,
+        s.invalidations,
+        c.stale
     );
     assert_eq!(c.stale, 0, "stale hits");
     // The test raced: both hits and re-registrations after remaps happened.
