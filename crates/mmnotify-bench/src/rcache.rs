@@ -125,7 +125,10 @@ impl<R: Registrar> UcxLike<R> {
             self.registrar.deregister(h);
         }
         let range = PageRange::from_bounds(start, end).expect("page-aligned");
-        let handle = self.registrar.register(range, Access::READ_WRITE).expect("register");
+        let handle = self
+            .registrar
+            .register(range, Access::READ_WRITE)
+            .expect("register");
         self.map.lock().expect("lock").insert(
             start,
             URegion {
@@ -171,7 +174,9 @@ fn scattered(n: usize) -> Vec<u64> {
 /// A random visiting order of `n` indices (4096 long, cycled).
 fn order(n: usize) -> Vec<usize> {
     let mut rng = Rng::new(0x0dde);
-    (0..4096).map(|_| (rng.next_u64() % n as u64) as usize).collect()
+    (0..4096)
+        .map(|_| (rng.next_u64() % n as u64) as usize)
+        .collect()
 }
 
 fn row(id: String, figure: String, value: f64, unit: Unit, baseline: (&str, f64)) -> Row {
@@ -290,7 +295,11 @@ pub fn figures(budget: &Budget, log: &mut dyn FnMut(&str)) -> (Vec<Row>, Vec<Tar
     let addrs = scattered(1024);
     let visit: Vec<usize> = (0..1024).collect();
     let mm = Mm::new();
-    let cache = Cache::new(NoopRegistrar, EventSource::Mm(mm.clone()), Config::default());
+    let cache = Cache::new(
+        NoopRegistrar,
+        EventSource::Mm(mm.clone()),
+        Config::default(),
+    );
     let ours = measure::ns_per_op(budget, || {
         let a = addrs[next(&visit)];
         drop(cache.get(a, P, Access::READ).expect("get"));

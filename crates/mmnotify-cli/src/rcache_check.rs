@@ -34,7 +34,11 @@ enum Registrars {
 
 const COLUMNS: [(Mode, BlindSpotPolicy, &str); 3] = [
     (Mode::Plain, BlindSpotPolicy::Uncached, "plain call"),
-    (Mode::Plain, BlindSpotPolicy::ValidateFrames, "plain, validate frames"),
+    (
+        Mode::Plain,
+        BlindSpotPolicy::ValidateFrames,
+        "plain, validate frames",
+    ),
     (Mode::Wrapper, BlindSpotPolicy::Trust, "wrapper"),
 ];
 

@@ -100,7 +100,10 @@ impl Drop for Pool {
 
 fn open_pair(src: &Path, dst: &Path, direct: bool) -> std::io::Result<(File, File)> {
     let flags = if direct { libc::O_DIRECT } else { 0 };
-    let s = OpenOptions::new().read(true).custom_flags(flags).open(src)?;
+    let s = OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(src)?;
     let d = OpenOptions::new()
         .write(true)
         .create(true)
@@ -112,8 +115,12 @@ fn open_pair(src: &Path, dst: &Path, direct: bool) -> std::io::Result<(File, Fil
 
 fn same_bytes(a: &Path, b: &Path) -> bool {
     let (mut x, mut y) = (Vec::new(), Vec::new());
-    File::open(a).and_then(|mut f| f.read_to_end(&mut x)).expect("read source");
-    File::open(b).and_then(|mut f| f.read_to_end(&mut y)).expect("read copy");
+    File::open(a)
+        .and_then(|mut f| f.read_to_end(&mut x))
+        .expect("read source");
+    File::open(b)
+        .and_then(|mut f| f.read_to_end(&mut y))
+        .expect("read copy");
     x == y
 }
 
@@ -123,7 +130,11 @@ fn submit(ring: &mut IoUring, e: io_uring::squeue::Entry) -> usize {
     unsafe { ring.submission().push(&e) }.expect("submission queue full");
     ring.submit_and_wait(1).expect("io_uring_enter");
     let cqe = ring.completion().next().expect("a completion");
-    assert!(cqe.result() >= 0, "I/O failed: {}", std::io::Error::from_raw_os_error(-cqe.result()));
+    assert!(
+        cqe.result() >= 0,
+        "I/O failed: {}",
+        std::io::Error::from_raw_os_error(-cqe.result())
+    );
     cqe.result() as usize
 }
 
@@ -155,7 +166,9 @@ fn copy(way: Way, src: &Path, dst: &Path, len: u64, direct: bool) -> (Duration, 
         match way {
             Way::Cached => {
                 let t0 = Instant::now();
-                let region = cache.get(addr, u64::from(chunk), Access::READ_WRITE).expect("get");
+                let region = cache
+                    .get(addr, u64::from(chunk), Access::READ_WRITE)
+                    .expect("get");
                 get_time += t0.elapsed();
                 // SAFETY: the buffer is our own allocation; nothing else touches it during
                 // the I/O.
@@ -168,7 +181,9 @@ fn copy(way: Way, src: &Path, dst: &Path, len: u64, direct: bool) -> (Duration, 
             }
             Way::RegisterPerIo => {
                 let range = mmnotify_rcache::PageRange::covering(addr, u64::from(chunk)).unwrap();
-                let h = registrar.register(range, Access::READ_WRITE).expect("register");
+                let h = registrar
+                    .register(range, Access::READ_WRITE)
+                    .expect("register");
                 // SAFETY: as above.
                 let r = unsafe { registrar.read_fixed(&h, addr, chunk, s.as_raw_fd(), off) };
                 assert_eq!(r.expect("READ_FIXED"), chunk as usize);
@@ -177,9 +192,13 @@ fn copy(way: Way, src: &Path, dst: &Path, len: u64, direct: bool) -> (Duration, 
                 registrar.deregister(&h);
             }
             Way::Unregistered => {
-                let r = opcode::Read::new(types::Fd(s.as_raw_fd()), buf, chunk).offset(off).build();
+                let r = opcode::Read::new(types::Fd(s.as_raw_fd()), buf, chunk)
+                    .offset(off)
+                    .build();
                 assert_eq!(submit(&mut plain, r), chunk as usize);
-                let w = opcode::Write::new(types::Fd(d.as_raw_fd()), buf, chunk).offset(off).build();
+                let w = opcode::Write::new(types::Fd(d.as_raw_fd()), buf, chunk)
+                    .offset(off)
+                    .build();
                 assert_eq!(submit(&mut plain, w), chunk as usize);
             }
         }
@@ -229,7 +248,10 @@ fn main() {
     let direct = match open_pair(&src, &dst, true) {
         Ok(_) => true,
         Err(e) => {
-            println!("note: O_DIRECT is not supported in {} ({e}); copying with buffered I/O", dir.display());
+            println!(
+                "note: O_DIRECT is not supported in {} ({e}); copying with buffered I/O",
+                dir.display()
+            );
             false
         }
     };

@@ -36,7 +36,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, OnceLock};
+
+use crate::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use mmnotify::{IntervalCtx, SubscriberId};
 
@@ -131,7 +133,9 @@ impl std::hash::Hasher for AddrHasher {
     }
 
     fn write_u64(&mut self, x: u64) {
-        self.0 = (x >> 12).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
+        self.0 = (x >> 12)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(29);
     }
 }
 
@@ -228,11 +232,11 @@ pub(crate) struct Shared<R: Registrar> {
 
 impl<R: Registrar> Shared<R> {
     fn read(&self) -> RwLockReadGuard<'_, Index<R::Handle>> {
-        self.index.read().unwrap_or_else(|p| p.into_inner())
+        self.index.read()
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, Index<R::Handle>> {
-        self.index.write().unwrap_or_else(|p| p.into_inner())
+        self.index.write()
     }
 
     /// The invalidation callback's work, under the index's write lock: bump the interval's
@@ -260,10 +264,7 @@ impl<R: Registrar> Shared<R> {
     }
 
     fn queue_garbage(&self, region: RegionRef<R>) {
-        self.garbage
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(region);
+        self.garbage.lock().push(region);
         self.garbage_hint.store(true, Ordering::Release);
     }
 
@@ -315,7 +316,7 @@ impl<R: Registrar> Shared<R> {
         if !self.garbage_hint.swap(false, Ordering::Acquire) {
             return;
         }
-        let taken = std::mem::take(&mut *self.garbage.lock().unwrap_or_else(|p| p.into_inner()));
+        let taken = std::mem::take(&mut *self.garbage.lock());
         for region in taken {
             self.deregister(&region);
         }
@@ -715,8 +716,9 @@ impl<R: Registrar> Cache<R> {
     ) -> Result<()> {
         let config = &self.shared.config;
         let len = region.range.len();
-        let fits =
-            |i: &Index<R::Handle>| i.map.len() < config.max_regions && i.bytes + len <= config.max_bytes;
+        let fits = |i: &Index<R::Handle>| {
+            i.map.len() < config.max_regions && i.bytes + len <= config.max_bytes
+        };
         if fits(index) {
             return Ok(());
         }
@@ -792,12 +794,7 @@ impl<R: Registrar> Cache<R> {
             let index = self.shared.read();
             (index.map.len(), index.bytes)
         };
-        let pending = self
-            .shared
-            .garbage
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len();
+        let pending = self.shared.garbage.lock().len();
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Stats {
             hits: c.hits.sum(),

@@ -182,7 +182,12 @@ impl Outcome {
 /// # Errors
 ///
 /// A system call the scenario needs failed (the message says which), or the cache refused.
-pub fn run(path: Path, mode: Mode, policy: BlindSpotPolicy, judge: Judge) -> Result<Outcome, String> {
+pub fn run(
+    path: Path,
+    mode: Mode,
+    policy: BlindSpotPolicy,
+    judge: Judge,
+) -> Result<Outcome, String> {
     let watcher = Watcher::get().map_err(|e| e.to_string())?;
     let config = Config::default().blind_spots(policy);
     let mut out = Outcome {
@@ -233,7 +238,11 @@ pub fn run(path: Path, mode: Mode, policy: BlindSpotPolicy, judge: Judge) -> Res
 }
 
 /// Runs every path under `mode` and `policy` with `judge`.
-pub fn run_all(mode: Mode, policy: BlindSpotPolicy, judge: Judge) -> Vec<(Path, Result<Outcome, String>)> {
+pub fn run_all(
+    mode: Mode,
+    policy: BlindSpotPolicy,
+    judge: Judge,
+) -> Vec<(Path, Result<Outcome, String>)> {
     Path::ALL
         .iter()
         .map(|p| (*p, run(*p, mode, policy, judge)))
@@ -308,7 +317,9 @@ fn quiet_address(mut map: impl FnMut(u64) -> Result<(), String>) -> Result<u64, 
             Err(e) => last = e,
         }
     }
-    Err(format!("no free address found for the scenario's memory: {last}"))
+    Err(format!(
+        "no free address found for the scenario's memory: {last}"
+    ))
 }
 
 /// The memory of one cell.
@@ -383,7 +394,9 @@ impl Mem {
                 } else {
                     (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)
                 };
-                mem.addr = quiet_address(|hint| mmap_at(hint, len, flags | libc::MAP_FIXED_NOREPLACE, fd))?;
+                mem.addr = quiet_address(|hint| {
+                    mmap_at(hint, len, flags | libc::MAP_FIXED_NOREPLACE, fd)
+                })?;
             }
             Kind::Sysv => {
                 mem.addr = quiet_address(|hint| Self::attach_new(Some(hint)).map(|_| ()))?;
@@ -472,7 +485,7 @@ fn operate(path: Path, mode: Mode, w: &Watcher, mem: &mut Mem) -> Result<Option<
     let coop = mode == Mode::Wrapper && path.has_wrapper();
     let wrap = |r: mmnotify_uffd::Result<()>| r.map_err(|e| e.to_string());
     let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
-    // SAFETY (whole block): every call acts on memory this scenario mapped and no Rust
+    // SAFETY: (the whole block) every call acts on memory this scenario mapped and no Rust
     // reference points into; new memory is mapped at the same address with
     // MAP_FIXED_NOREPLACE, or with MAP_FIXED over the scenario's own live memory.
     unsafe {
@@ -494,9 +507,10 @@ fn operate(path: Path, mode: Mode, w: &Watcher, mem: &mut Mem) -> Result<Option<
                 } else {
                     match path {
                         Path::MunmapWhole => check(libc::munmap(a, len), "munmap")?,
-                        Path::RawSyscallMunmap => {
-                            check(libc::syscall(libc::SYS_munmap, addr, len) as i32, "SYS_munmap")?
-                        }
+                        Path::RawSyscallMunmap => check(
+                            libc::syscall(libc::SYS_munmap, addr, len) as i32,
+                            "SYS_munmap",
+                        )?,
                         _ => {
                             let a2 = addr as usize;
                             std::thread::spawn(move || libc::munmap(a2 as *mut c_void, len))
@@ -578,7 +592,10 @@ fn operate(path: Path, mode: Mode, w: &Watcher, mem: &mut Mem) -> Result<Option<
                         wrap(w.punch_hole(fd.as_fd(), 0, len as u64))?;
                     } else {
                         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-                        check(libc::fallocate(fd.as_raw_fd(), mode, 0, len as i64), "fallocate")?;
+                        check(
+                            libc::fallocate(fd.as_raw_fd(), mode, 0, len as i64),
+                            "fallocate",
+                        )?;
                     }
                 } else {
                     if coop {
@@ -607,9 +624,8 @@ impl Sink {
             return Err(os("memfd_create"));
         }
         // SAFETY: a fresh descriptor we own.
-        Ok(Sink {
-            fd: unsafe { OwnedFd::from_raw_fd(raw) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(Sink { fd })
     }
 
     fn raw(&self) -> i32 {

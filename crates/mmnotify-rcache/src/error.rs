@@ -82,7 +82,9 @@ pub enum Error {
     },
     /// The memory kept changing while it was being registered: every attempt collided with
     /// an invalidation.
-    #[error("{range} was invalidated during each of {attempts} attempts to register it; giving up")]
+    #[error(
+        "{range} was invalidated during each of {attempts} attempts to register it; giving up"
+    )]
     Unstable {
         /// The range.
         range: PageRange,

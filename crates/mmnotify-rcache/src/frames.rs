@@ -15,9 +15,9 @@
 //! It also keeps the books a leak check needs: registrations live now, and deregistrations of
 //! handles that were not live (a double deregistration would be a cache bug).
 
+use crate::sync::Mutex;
 use std::collections::HashMap;
 use std::io;
-use std::sync::Mutex;
 
 use mmnotify_uffd::maps;
 use mmnotify_uffd::pagemap::{self, Frame};
@@ -155,7 +155,7 @@ impl FrameRegistrar {
 
     /// The books.
     pub fn books(&self) -> FrameBooks {
-        let b = self.books.lock().unwrap_or_else(|p| p.into_inner());
+        let b = self.books.lock();
         FrameBooks {
             registered: b.registered,
             deregistered: b.deregistered,
@@ -227,7 +227,7 @@ impl Registrar for FrameRegistrar {
             .map(|i| pagemap::frame(range.start() + i * ps))
             .collect::<io::Result<Vec<_>>>()
             .map_err(|source| FrameError::Io { range, source })?;
-        let mut b = self.books.lock().unwrap_or_else(|p| p.into_inner());
+        let mut b = self.books.lock();
         b.next += 1;
         let id = b.next;
         b.live.insert(id, range);
@@ -241,7 +241,7 @@ impl Registrar for FrameRegistrar {
     }
 
     fn deregister(&self, handle: &FrameRecord) {
-        let mut b = self.books.lock().unwrap_or_else(|p| p.into_inner());
+        let mut b = self.books.lock();
         if b.live.remove(&handle.id).is_some() {
             b.deregistered += 1;
         } else {

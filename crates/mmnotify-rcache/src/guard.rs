@@ -129,10 +129,7 @@ impl<'c, R: Registrar> RegionGuard<'c, R> {
             return;
         };
         let now: Option<OnInvalidate> = {
-            let mut list = region
-                .on_invalidate
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut list = region.on_invalidate.lock();
             if region.memory_changed() {
                 Some(Box::new(f))
             } else {
@@ -150,9 +147,9 @@ impl<R: Registrar> Drop for RegionGuard<'_, R> {
     fn drop(&mut self) {
         match &self.held {
             Held::Cached(region) => self.cache.shared().put(region),
-            Held::Uncached {
-                range, handle, ..
-            } => self.cache.shared().put_uncached(handle, *range),
+            Held::Uncached { range, handle, .. } => {
+                self.cache.shared().put_uncached(handle, *range)
+            }
         }
     }
 }

@@ -54,6 +54,7 @@ mod region;
 mod registrar;
 mod source;
 mod stats;
+mod sync;
 mod uring;
 mod watched;
 

@@ -27,7 +27,9 @@
 //! registrar free memory in `deregister` (an unmap, an event, this callback) without deadlock.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock, Weak};
+use std::sync::{OnceLock, Weak};
+
+use crate::sync::Mutex;
 
 use mmnotify::{IntervalCtx, IntervalSubscriber, Invalidate, Invalidation};
 
@@ -119,7 +121,7 @@ impl<H> Region<H> {
     }
 
     pub(crate) fn take_callbacks(&self) -> Vec<OnInvalidate> {
-        std::mem::take(&mut *self.on_invalidate.lock().unwrap_or_else(|p| p.into_inner()))
+        std::mem::take(&mut *self.on_invalidate.lock())
     }
 }
 

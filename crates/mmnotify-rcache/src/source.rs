@@ -77,10 +77,9 @@ impl EventSource {
                 unwatched: skipped(&report.skipped),
                 vmas: report.watched.iter().map(|v| (v.start, v.end)).collect(),
             }),
-            Err(mmnotify_uffd::Error::Unmapped { .. }) => Err(Error::Unmapped {
-                range,
-                hole: range,
-            }),
+            Err(mmnotify_uffd::Error::Unmapped { .. }) => {
+                Err(Error::Unmapped { range, hole: range })
+            }
             // Mapped but nothing watchable (vdso-like, another uffd owns it): blind.
             Err(mmnotify_uffd::Error::NothingWatchable { skipped: s, .. }) => Ok(Watched {
                 unwatched: skipped(&s),

@@ -12,9 +12,9 @@
 //! The table's books (slots live, registrations, double releases) are kept for leak checks;
 //! dropping the registrar closes the ring, which unpins whatever is still registered.
 
+use crate::sync::Mutex;
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::Mutex;
 
 use io_uring::{opcode, types, IoUring};
 
@@ -149,8 +149,8 @@ impl UringRegistrar {
     /// [`UringError::Setup`] when io_uring is unavailable or disabled, or refuses the table.
     pub fn new(slots: u32) -> Result<UringRegistrar, UringError> {
         let setup = |source| UringError::Setup { slots, source };
-        let slots16 = u16::try_from(slots)
-            .map_err(|_| setup(io::Error::from_raw_os_error(libc::EINVAL)))?;
+        let slots16 =
+            u16::try_from(slots).map_err(|_| setup(io::Error::from_raw_os_error(libc::EINVAL)))?;
         let ring = IoUring::new(8).map_err(setup)?;
         ring.submitter()
             .register_buffers_sparse(slots)
@@ -170,7 +170,7 @@ impl UringRegistrar {
 
     /// The table's books.
     pub fn books(&self) -> SlotBooks {
-        let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let t = self.table.lock();
         SlotBooks {
             slots: self.slots,
             live: t.used.iter().filter(|u| **u).count() as u32,
@@ -203,7 +203,7 @@ impl UringRegistrar {
         entry: io_uring::squeue::Entry,
     ) -> Result<usize, UringError> {
         let io = |source| UringError::Io { op, slot, source };
-        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ring = self.ring.lock();
         // SAFETY: the entry refers to a registered buffer (pinned by the kernel, valid for the
         // I/O whatever happens to the mapping) and a file descriptor the caller owns; we wait
         // for its completion before returning, so nothing it refers to is released early.
@@ -278,12 +278,15 @@ impl UringRegistrar {
     }
 
     fn update(&self, slot: u16, iov: libc::iovec) -> io::Result<()> {
-        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let ring = self.ring.lock();
         // SAFETY: registering asks the kernel to pin the pages behind `iov` (it checks the
         // range is mapped and fails otherwise); the pinned pages stay valid for the kernel
         // until the slot is updated again or the ring closes, independently of our mapping.
         // The null iovec empties the slot.
-        unsafe { ring.submitter().register_buffers_update(u32::from(slot), &[iov], None) }
+        unsafe {
+            ring.submitter()
+                .register_buffers_update(u32::from(slot), &[iov], None)
+        }
     }
 }
 
@@ -295,8 +298,11 @@ impl Registrar for UringRegistrar {
             return Err(Box::new(UringError::TooLarge { range }));
         }
         let slot = {
-            let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
-            let slot = t.free.pop().ok_or(UringError::TableFull { slots: self.slots })?;
+            let mut t = self.table.lock();
+            let slot = t
+                .free
+                .pop()
+                .ok_or(UringError::TableFull { slots: self.slots })?;
             t.used[usize::from(slot)] = true;
             slot
         };
@@ -305,7 +311,7 @@ impl Registrar for UringRegistrar {
             iov_len: range.len() as usize,
         };
         let result = self.update(slot, iov);
-        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t = self.table.lock();
         match result {
             Ok(()) => {
                 t.registered += 1;
@@ -331,7 +337,7 @@ impl Registrar for UringRegistrar {
         // An update to an empty buffer cannot fail on a valid slot of a live ring; if it did,
         // the pages stay pinned until the ring closes (at drop), never longer.
         let _ = self.update(handle.slot, empty);
-        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t = self.table.lock();
         let used = &mut t.used[usize::from(handle.slot)];
         if *used {
             *used = false;

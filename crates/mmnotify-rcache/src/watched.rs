@@ -17,9 +17,9 @@
 //! was delivered while `watch` ran (an epoch counter), so a VMA replaced between its
 //! registration and its addition is never remembered.
 
+use crate::sync::Mutex;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use mmnotify::{Capabilities, Invalidation, Refused, Subscriber};
 
@@ -40,7 +40,7 @@ impl WatchedSet {
 
     /// Whether remembered VMAs cover all of `range`.
     pub(crate) fn covers(&self, range: PageRange) -> bool {
-        let vmas = self.vmas.lock().unwrap_or_else(|p| p.into_inner());
+        let vmas = self.vmas.lock();
         let mut cursor = range.start();
         // The VMA containing `cursor` starts at or below it.
         while cursor < range.end() {
@@ -54,7 +54,7 @@ impl WatchedSet {
 
     /// Remembers VMAs a `watch` registered, unless an event was delivered since `epoch`.
     pub(crate) fn remember(&self, epoch: u64, watched: impl IntoIterator<Item = (u64, u64)>) {
-        let mut vmas = self.vmas.lock().unwrap_or_else(|p| p.into_inner());
+        let mut vmas = self.vmas.lock();
         if self.epoch.load(Ordering::SeqCst) != epoch {
             return;
         }
@@ -64,7 +64,7 @@ impl WatchedSet {
     }
 
     fn forget(&self, start: u64, end: u64) {
-        let mut vmas = self.vmas.lock().unwrap_or_else(|p| p.into_inner());
+        let mut vmas = self.vmas.lock();
         self.epoch.fetch_add(1, Ordering::SeqCst);
         let hit: Vec<u64> = vmas
             .range(..end)

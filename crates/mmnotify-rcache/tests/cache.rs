@@ -2,6 +2,11 @@
 //! misses, invalidation while in use, callbacks, merging, limits and LRU eviction, registrar
 //! errors and panics, re-entrant deregistration, statistics, and the books at drop.
 
+#![allow(
+    clippy::disallowed_types,
+    reason = "test code: std::sync is fine outside the engine (see clippy.toml)"
+)]
+
 mod common;
 
 use std::sync::atomic::Ordering;
@@ -41,7 +46,11 @@ fn hit_after_put_miss_after_invalidation() {
     drop(hit);
     unmap(&mm, BASE + P / 2, 1);
     let fresh = cache.get(BASE, P, Access::READ).unwrap();
-    assert_ne!(fresh.handle().id, id, "an invalidated region was handed out again");
+    assert_ne!(
+        fresh.handle().id,
+        id,
+        "an invalidated region was handed out again"
+    );
     drop(fresh);
     let s = cache.stats();
     assert_eq!((s.hits, s.misses, s.invalidations), (1, 2, 1));
@@ -114,7 +123,10 @@ fn merging_adjacent_and_overlapping_requests() {
     let (_mm, ledger, cache) = cache(Config::default());
     drop(cache.get(BASE, 2 * P, Access::READ).unwrap());
     let merged = cache.get(BASE + 2 * P, P, Access::WRITE).unwrap();
-    assert_eq!((merged.range().start(), merged.range().end()), (BASE, BASE + 3 * P));
+    assert_eq!(
+        (merged.range().start(), merged.range().end()),
+        (BASE, BASE + 3 * P)
+    );
     assert_eq!(merged.access(), Access::READ_WRITE);
     drop(merged);
     drop(cache.get(BASE + P, P, Access::READ).unwrap()); // inside: a hit
@@ -176,7 +188,10 @@ fn byte_limit() {
 #[test]
 fn bad_input_is_a_typed_error() {
     let (_mm, ledger, cache) = cache(Config::default());
-    assert!(matches!(cache.get(BASE, 0, Access::READ), Err(Error::EmptyRange { addr: BASE })));
+    assert!(matches!(
+        cache.get(BASE, 0, Access::READ),
+        Err(Error::EmptyRange { addr: BASE })
+    ));
     assert!(matches!(
         cache.get(u64::MAX - 100, 200, Access::READ),
         Err(Error::RangeOverflow { .. })
@@ -208,7 +223,10 @@ fn registrar_errors_and_panics_reach_the_caller_and_leave_the_cache_consistent()
         "{err}"
     );
     let s = cache.stats();
-    assert_eq!((s.registrar_errors, s.registrar_panics, s.regions), (1, 1, 0));
+    assert_eq!(
+        (s.registrar_errors, s.registrar_panics, s.regions),
+        (1, 1, 0)
+    );
     // No interval was left behind by the failed attempts.
     assert_eq!(mm.interval_state().indexed, 0);
     // Works afterwards; a panic in deregister is contained and counted.
@@ -217,7 +235,10 @@ fn registrar_errors_and_panics_reach_the_caller_and_leave_the_cache_consistent()
     unmap(&mm, BASE, P);
     cache.flush();
     let s = cache.stats();
-    assert_eq!((s.deregistration_panics, s.registrations, s.deregistrations), (1, 1, 1));
+    assert_eq!(
+        (s.deregistration_panics, s.registrations, s.deregistrations),
+        (1, 1, 1)
+    );
     assert_eq!(ledger.live(), 0);
 }
 

@@ -4,6 +4,11 @@
 //! control: blind memory cached on trust, with plain calls, does go stale (so the judge can
 //! see a stale hit when there is one).
 
+#![allow(
+    clippy::disallowed_types,
+    reason = "test code: std::sync is fine outside the engine (see clippy.toml)"
+)]
+
 mod common;
 
 use std::time::Duration;
@@ -41,7 +46,10 @@ fn matrix(judge: Judge) {
             }
             // Memory the watcher sees is cached; under Trust everything is.
             if path.has_event() && path != Path::Remove || policy == BlindSpotPolicy::Trust {
-                assert!(o.cached || o.skipped.is_some(), "{path} was not cached: {o:?}");
+                assert!(
+                    o.cached || o.skipped.is_some(),
+                    "{path} was not cached: {o:?}"
+                );
             }
         }
     }
@@ -65,10 +73,18 @@ fn negative_control_blind_memory_trusted_with_plain_calls_goes_stale() {
     let _serial = common::serial();
     common::bounded(Duration::from_secs(60), || {
         for path in [Path::Shmdt, Path::PunchHole, Path::Ftruncate] {
-            let o = mmnotify_rcache::check::run(path, Mode::Plain, BlindSpotPolicy::Trust, Judge::Uring)
-                .unwrap();
+            let o = mmnotify_rcache::check::run(
+                path,
+                Mode::Plain,
+                BlindSpotPolicy::Trust,
+                Judge::Uring,
+            )
+            .unwrap();
             print(&o);
-            assert!(o.cached && o.hit && !o.fresh, "{path}: expected the documented stale hit: {o:?}");
+            assert!(
+                o.cached && o.hit && !o.fresh,
+                "{path}: expected the documented stale hit: {o:?}"
+            );
         }
     });
 }

@@ -12,6 +12,11 @@
 //!
 //! Without merging and without limits the model also predicts every hit and miss exactly.
 
+#![allow(
+    clippy::disallowed_types,
+    reason = "test code: std::sync is fine outside the engine (see clippy.toml)"
+)]
+
 mod common;
 
 use std::collections::{HashMap, HashSet};
@@ -84,7 +89,8 @@ impl ReferenceStateMachine for CacheModel {
     fn transitions(s: &Model) -> BoxedStrategy<Transition> {
         let get = (0..SPACE, 1..4u64, any::<bool>())
             .prop_map(|(page, pages, write)| Transition::Get { page, pages, write });
-        let inv = (0..SPACE, 1..3u64).prop_map(|(page, pages)| Transition::Invalidate { page, pages });
+        let inv =
+            (0..SPACE, 1..3u64).prop_map(|(page, pages)| Transition::Invalidate { page, pages });
         let held = s.held.max(1);
         let put = (0..held).prop_map(Transition::Put);
         let purge_weight = if s.exact() { 0 } else { 1 };
@@ -112,10 +118,9 @@ impl ReferenceStateMachine for CacheModel {
             Transition::Get { page, pages, write } => {
                 if s.exact() {
                     let (start, end) = (page * P, (page + pages) * P);
-                    let hit = s
-                        .regions
-                        .iter()
-                        .any(|r| r.valid && r.start <= start && end <= r.end && (r.write || !write));
+                    let hit = s.regions.iter().any(|r| {
+                        r.valid && r.start <= start && end <= r.end && (r.write || !write)
+                    });
                     if !hit {
                         s.regions.push(MRegion {
                             start,
@@ -158,7 +163,11 @@ struct Sut {
 
 impl Sut {
     fn held_ids(&self) -> HashSet<u64> {
-        self.guards.iter().flatten().map(|g| g.handle().id).collect()
+        self.guards
+            .iter()
+            .flatten()
+            .map(|g| g.handle().id)
+            .collect()
     }
 }
 
@@ -194,13 +203,21 @@ impl StateMachineTest for CacheTest {
     fn apply(mut sut: Sut, s: &Model, t: Transition) -> Sut {
         match t {
             Transition::Get { page, pages, write } => {
-                let access = if write { Access::READ_WRITE } else { Access::READ };
+                let access = if write {
+                    Access::READ_WRITE
+                } else {
+                    Access::READ
+                };
                 let want = PageRange::covering(BASE + page * P, pages * P).unwrap();
                 let hits = sut.cache.stats().hits;
                 match sut.cache.get(want.start(), want.len(), access) {
                     Ok(g) => {
                         let id = g.handle().id;
-                        assert!(g.range().contains(&want), "{:?} does not cover {want}", g.range());
+                        assert!(
+                            g.range().contains(&want),
+                            "{:?} does not cover {want}",
+                            g.range()
+                        );
                         assert!(g.access().includes(access));
                         assert!(!g.is_invalidated());
                         assert!(
@@ -260,10 +277,17 @@ impl StateMachineTest for CacheTest {
     }
 
     fn check_invariants(sut: &Sut, s: &Model) {
-        assert_eq!(sut.ledger.double.load(Ordering::SeqCst), 0, "double deregistration");
+        assert_eq!(
+            sut.ledger.double.load(Ordering::SeqCst),
+            0,
+            "double deregistration"
+        );
         let live = sut.ledger.live.lock().unwrap().clone();
         for id in sut.held_ids() {
-            assert!(live.contains(&id), "held registration {id} was deregistered");
+            assert!(
+                live.contains(&id),
+                "held registration {id} was deregistered"
+            );
         }
         assert!(sut.cache.stats().regions <= s.max_regions);
     }
@@ -279,7 +303,11 @@ impl StateMachineTest for CacheTest {
             l.deregistered.load(Ordering::SeqCst)
         );
         assert_eq!(l.double.load(Ordering::SeqCst), 0);
-        assert_eq!(sut.mm.interval_state().indexed, 0, "interval subscriptions left");
+        assert_eq!(
+            sut.mm.interval_state().indexed,
+            0,
+            "interval subscriptions left"
+        );
     }
 }
 

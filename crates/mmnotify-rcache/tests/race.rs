@@ -9,6 +9,11 @@
 //!
 //! `RCACHE_RACE_SECS` sets the seconds per mode (default 2; a soak runs minutes).
 
+#![allow(
+    clippy::disallowed_types,
+    reason = "test code: std::sync is fine outside the engine (see clippy.toml)"
+)]
+
 mod common;
 
 use std::ffi::c_void;
@@ -67,18 +72,29 @@ struct Counts {
 fn race(mode: Remap, secs: u64) -> (Counts, mmnotify_rcache::Stats) {
     let watcher = Watcher::get().unwrap();
     let len = PAGES * ps();
-    // Guard pages around the region keep its VMA apart from its neighbours.
-    // SAFETY: a fresh reservation; the middle becomes the test's memory.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len + 2 * ps(),
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    } as usize;
+    // Guard pages around the region keep its VMA apart from its neighbours. The reservation
+    // sits far below where the kernel places mappings by itself, so the hole the remapper
+    // makes is not taken by another thread's allocation before it re-maps.
+    let mut base = 0usize;
+    for i in 0..64usize {
+        let hint = 0x3000_0000_0000usize + (i << 24);
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces anything; a fresh reservation.
+        let p = unsafe {
+            libc::mmap(
+                hint as *mut c_void,
+                len + 2 * ps(),
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if p as usize == hint {
+            base = hint;
+            break;
+        }
+    }
+    assert_ne!(base, 0, "no quiet address for the race");
     let addr = base + ps();
     assert!(map_fixed(addr, len, libc::MAP_FIXED));
     fill(addr, len, 1);
@@ -124,7 +140,11 @@ fn race(mode: Remap, secs: u64) -> (Counts, mmnotify_rcache::Stats) {
     };
 
     let registrar = Arc::new(UringRegistrar::new(16).unwrap());
-    let cache = Cache::new(registrar.clone(), EventSource::Watcher(watcher), Config::default());
+    let cache = Cache::new(
+        registrar.clone(),
+        EventSource::Watcher(watcher),
+        Config::default(),
+    );
     // SAFETY: a new memfd the test owns.
     let sink = unsafe { OwnedFd::from_raw_fd(libc::memfd_create(c"race".as_ptr(), 0)) };
     let mut counts = Counts::default();
@@ -183,7 +203,9 @@ fn run(mode: Remap) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2);
     let _serial = common::serial();
-    let (c, s) = common::bounded(Duration::from_secs(secs * 10 + 60), move || race(mode, secs));
+    let (c, s) = common::bounded(Duration::from_secs(secs * 10 + 60), move || {
+        race(mode, secs)
+    });
     println!(
         "{mode:?}: {} gets, {} hits, {} misses, {} collisions, {} while unmapped, {} unstable, \
          {} remaps, {} invalidations, {} STALE",

@@ -4,6 +4,11 @@
 //! drop); memory the watcher is blind to (SysV shm, shared file mappings) is never a stale hit
 //! for a user who does not know the wrappers (issue 10 item 6), under both policies.
 
+#![allow(
+    clippy::disallowed_types,
+    reason = "test code: std::sync is fine outside the engine (see clippy.toml)"
+)]
+
 mod common;
 
 use std::ffi::c_void;
@@ -71,7 +76,10 @@ fn bad_input_and_refusals_are_typed_and_leak_nothing() {
     common::bounded(Duration::from_secs(60), || {
         let (reg, cache) = uring_cache(4, Config::default().merge(false));
         let a = anon(4);
-        assert!(matches!(cache.get(a, 0, Access::READ), Err(Error::EmptyRange { .. })));
+        assert!(matches!(
+            cache.get(a, 0, Access::READ),
+            Err(Error::EmptyRange { .. })
+        ));
         assert!(matches!(
             cache.get(u64::MAX - ps(), 2 * ps(), Access::READ),
             Err(Error::RangeOverflow { .. })
@@ -98,7 +106,10 @@ fn bad_input_and_refusals_are_typed_and_leak_nothing() {
         match &e {
             Error::Registrar { source, .. } => {
                 assert!(
-                    matches!(source.downcast_ref::<UringError>(), Some(UringError::Register { .. })),
+                    matches!(
+                        source.downcast_ref::<UringError>(),
+                        Some(UringError::Register { .. })
+                    ),
                     "{e}"
                 );
             }
@@ -112,7 +123,10 @@ fn bad_input_and_refusals_are_typed_and_leak_nothing() {
         let e = cache.get(b + 10 * ps(), ps(), Access::READ).unwrap_err();
         match &e {
             Error::Registrar { source, .. } => assert!(
-                matches!(source.downcast_ref::<UringError>(), Some(UringError::TableFull { slots: 4 })),
+                matches!(
+                    source.downcast_ref::<UringError>(),
+                    Some(UringError::TableFull { slots: 4 })
+                ),
                 "{e}"
             ),
             e => panic!("{e}"),
@@ -152,7 +166,10 @@ fn the_frame_registrar_refuses_write_access_to_read_only_memory() {
         let e = cache.get(ro, ps(), Access::WRITE).unwrap_err();
         match &e {
             Error::Registrar { source, .. } => assert!(
-                matches!(source.downcast_ref::<FrameError>(), Some(FrameError::AccessRefused { .. })),
+                matches!(
+                    source.downcast_ref::<FrameError>(),
+                    Some(FrameError::AccessRefused { .. })
+                ),
                 "{e}"
             ),
             e => panic!("{e}"),
@@ -178,7 +195,10 @@ fn the_vdso_is_refused_or_registered_uncached_never_cached() {
         };
         let (reg, cache) = uring_cache(2, Config::default());
         match cache.get(vdso.start, ps(), Access::READ) {
-            Ok(g) => assert!(!g.is_cached(), "the vdso cannot be watched, so never cached"),
+            Ok(g) => assert!(
+                !g.is_cached(),
+                "the vdso cannot be watched, so never cached"
+            ),
             Err(Error::Registrar { .. }) => {}
             Err(e) => panic!("unexpected error: {e}"),
         }
@@ -191,7 +211,11 @@ fn shm_attach(at: Option<u64>, pages: u64) -> u64 {
     // SAFETY: a private segment, attached where the kernel chooses or over an address the
     // test just detached; removed at once (it lives while attached).
     unsafe {
-        let id = libc::shmget(libc::IPC_PRIVATE, (pages * ps()) as usize, libc::IPC_CREAT | 0o600);
+        let id = libc::shmget(
+            libc::IPC_PRIVATE,
+            (pages * ps()) as usize,
+            libc::IPC_CREAT | 0o600,
+        );
         assert!(id >= 0);
         let p = libc::shmat(id, at.map_or(std::ptr::null(), |a| a as *const c_void), 0);
         libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut());
@@ -210,7 +234,10 @@ fn blind_memory_is_never_a_stale_hit_without_wrappers() {
         let shm = shm_attach(None, 2);
         let g = cache.get(shm, 2 * ps(), Access::READ_WRITE).unwrap();
         assert!(!g.is_cached());
-        assert!(matches!(g.blind_reason(), Some(BlindReason::SysvShm { .. })), "{g:?}");
+        assert!(
+            matches!(g.blind_reason(), Some(BlindReason::SysvShm { .. })),
+            "{g:?}"
+        );
         drop(g);
         // SAFETY: detaching the test's own attachment (a plain shmdt: no event).
         unsafe { libc::shmdt(shm as *const c_void) };
@@ -225,7 +252,10 @@ fn blind_memory_is_never_a_stale_hit_without_wrappers() {
         assert_eq!(unsafe { libc::ftruncate(fd, (2 * ps()) as i64) }, 0);
         let m = map(2, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd);
         let g = cache.get(m, ps(), Access::READ).unwrap();
-        assert!(matches!(g.blind_reason(), Some(BlindReason::SharedFile { .. })), "{g:?}");
+        assert!(
+            matches!(g.blind_reason(), Some(BlindReason::SharedFile { .. })),
+            "{g:?}"
+        );
         drop(g);
         let s = cache.stats();
         assert_eq!((s.blind_uncached, s.hits, s.regions), (3, 0, 0), "{s}");
@@ -235,8 +265,10 @@ fn blind_memory_is_never_a_stale_hit_without_wrappers() {
         // ValidateFrames (possible with CAP_SYS_ADMIN): cached, validated at every hit, and a
         // plain hole punch makes the next get miss.
         if mmnotify_uffd::pagemap::pfns_visible() {
-            let (reg, cache) =
-                uring_cache(8, Config::default().blind_spots(BlindSpotPolicy::ValidateFrames));
+            let (reg, cache) = uring_cache(
+                8,
+                Config::default().blind_spots(BlindSpotPolicy::ValidateFrames),
+            );
             // SAFETY: populating our own shared mapping.
             unsafe { std::ptr::write_volatile(m as *mut u64, 1) };
             drop(cache.get(m, ps(), Access::READ).unwrap());
@@ -252,7 +284,12 @@ fn blind_memory_is_never_a_stale_hit_without_wrappers() {
             drop(g);
             let s = cache.stats();
             assert_eq!(
-                (s.hits, s.misses, s.blind_validated_hits, s.blind_validation_failures),
+                (
+                    s.hits,
+                    s.misses,
+                    s.blind_validated_hits,
+                    s.blind_validation_failures
+                ),
                 (1, 2, 1, 1),
                 "{s}"
             );

@@ -1,6 +1,11 @@
 //! Shared helpers of the cache's tests: timeouts and small registrars.
 
-#![allow(dead_code, unreachable_pub)]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    clippy::disallowed_types,
+    clippy::type_complexity
+)]
 
 use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -70,7 +75,9 @@ pub struct Entry {
 
 impl std::fmt::Debug for Ledger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ledger").field("live", &self.live()).finish()
+        f.debug_struct("Ledger")
+            .field("live", &self.live())
+            .finish()
     }
 }
 
