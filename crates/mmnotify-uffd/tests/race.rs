@@ -253,7 +253,7 @@ fn fills_racing_with_munmap_and_map_fixed_never_commit_stale_pages() {
 /// madvising thread performs after the watcher read the message. The dispatcher keeps the
 /// invalidation open until it has seen the zap begin and a write-lock fence has waited for
 /// its end (docs/SEMANTICS.md U4). Its residual window (the madvising thread descheduled for
-/// longer than the 2 ms the dispatcher watches) is counted and bounded, not hidden.
+/// longer than `remove_settle`, 10 ms) is counted and bounded, not hidden.
 #[test]
 fn fills_racing_with_madv_dontneed_stay_coherent() {
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
