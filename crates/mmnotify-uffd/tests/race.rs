@@ -263,6 +263,19 @@ fn fills_racing_with_madv_dontneed_stay_coherent() {
         move || run(&w, Duration::from_secs(2), true, Op::DontNeed)
     });
     println!("DONTNEED gated run: {c:?}");
+    // Control: the same loop in a child whose watcher does not wait for the zap
+    // (remove_settle = 0: fence only). Printed, not asserted: it shows what U4 covers.
+    let (ok, out) = run_child(
+        "child_entry",
+        "dontneed_no_wait",
+        Duration::from_secs(60),
+        false,
+    );
+    assert!(ok, "{out}");
+    match out.find("CONTROL") {
+        Some(at) => println!("{}", out[at..].lines().next().unwrap_or("")),
+        None => panic!("the control child printed no counts: {out}"),
+    }
     assert!(c.ops > 100 && c.commits > 100, "{c:?}");
     assert!(c.collisions > 0, "the test did not race: {c:?}");
     assert_eq!(c.stale_commits, 0, "{c:?}");
@@ -270,4 +283,18 @@ fn fills_racing_with_madv_dontneed_stay_coherent() {
         c.incoherent_after_delivery * 100 <= c.ops,
         "stale entries after delivery beyond the documented residual (1% of operations): {c:?}"
     );
+}
+
+/// The entry point of the control child above (ignored in a normal run).
+#[test]
+#[ignore = "entry point for the child process started by the DONTNEED race"]
+fn child_entry() {
+    assert_eq!(role().as_deref(), Some("dontneed_no_wait"));
+    let w = Watcher::with_options(mmnotify_uffd::WatcherOptions {
+        remove_settle: Duration::ZERO,
+        ..Default::default()
+    })
+    .unwrap();
+    let c = run(&w, Duration::from_millis(1500), true, Op::DontNeed);
+    println!("CONTROL DONTNEED without the zap wait (fence only): {c:?}");
 }
