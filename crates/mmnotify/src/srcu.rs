@@ -158,6 +158,9 @@ pub(crate) struct SrcuReadGuard<'a> {
 
 impl Drop for SrcuReadGuard<'_> {
     fn drop(&mut self) {
+        if crate::sync::unwinding_under_loom() {
+            return;
+        }
         self.srcu.read_unlock(self.index);
     }
 }

@@ -2,8 +2,10 @@
 //!
 //! Run them with
 //! `RUSTFLAGS="--cfg loom" cargo test -p mmnotify --lib --release loom`
-//! (release makes loom much faster). Each model uses a preemption bound of 2 unless
-//! `LOOM_MAX_PREEMPTIONS` says otherwise. Without `--cfg loom` these modules are not compiled.
+//! (release makes loom much faster). Each model uses the preemption bound
+//! `LOOM_MAX_PREEMPTIONS` names, or `loom_util::DEFAULT_PREEMPTION_BOUND` (3) when it is unset;
+//! `.ci/run` leaves the variable to the caller. Without `--cfg loom` these modules are not
+//! compiled.
 //!
 //! Two things loom cannot see, which the models work around:
 //!
@@ -24,6 +26,9 @@ mod loom_util;
 
 #[cfg(loom)]
 mod loom_classic;
+
+#[cfg(loom)]
+mod loom_harness;
 
 #[cfg(loom)]
 mod loom_interval;
