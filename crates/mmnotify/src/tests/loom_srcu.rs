@@ -1,12 +1,90 @@
-//! Loom models of the per-`Mm` read side (SRCU): `register` racing with an open window.
+//! Loom models of the per-`Mm` read side (SRCU): a direct litmus model of `Srcu` with two
+//! writers, `register` racing with an open window, and `unregister` racing with a window and a
+//! second writer.
 
 use std::sync::Arc;
 
-use loom::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use loom::sync::atomic::{
+    AtomicUsize,
+    Ordering::{Relaxed, SeqCst},
+};
 use loom::thread;
 
 use super::loom_util::{model, range, Seen};
+use crate::srcu::Srcu;
 use crate::{Capabilities, Event, Invalidation, Mm, Refused, Subscriber};
+
+/// The grace-period guarantee of `Srcu` itself, as a litmus test: each of two writers (on two
+/// threads) publishes a value, calls `synchronize`, then says it returned; a reader on a third
+/// thread, inside one read section, reads "returned" then "published" for each writer. If it
+/// sees that writer `k`'s `synchronize` returned while it was still inside the section, that
+/// `synchronize` did not wait for it, so the section must have begun late enough to see what
+/// writer `k` published. Forbidden outcome: `returned[k] == 1 && published[k] == 0`.
+///
+/// The interleaving this is about (it needs a preemption bound of 3): the reader loads index
+/// 0; writer 1 flips 0 -> 1 and, finding no reader on 0, returns; writer 2 flips 1 -> 0; the
+/// reader increments counter 0, passes its fence *before* writer 2's fence, and re-loads the
+/// index: 0 again, but written by writer 2, not by whoever wrote the 0 it first saw. Writer 2
+/// waits on counter 1, so it does not wait for this reader, and nothing but the `Acquire` of
+/// that re-load makes writer 2's publication visible to it. The engine's own models miss this,
+/// because the engine publishes snapshots under a lock, which carries the publication anyway.
+///
+/// Shown to fail: with the index re-load after the fence in `Srcu::read_lock` weakened to
+/// `Relaxed`, loom reports "reader inside a read section saw writer 2's synchronize return but
+/// not what it published" (checked 2026-11-30). With the first index load `Relaxed` (as it is
+/// now) and the re-load `Acquire`, it passes.
+#[test]
+fn loom_srcu_reader_straddles_flips_of_two_writers() {
+    let seen = Seen::new();
+    let record = seen.clone();
+    model(move || {
+        let srcu = Arc::new(Srcu::new());
+        let published = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let returned = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let writers: Vec<_> = (0..2)
+            .map(|k| {
+                let srcu = srcu.clone();
+                let published = published.clone();
+                let returned = returned.clone();
+                thread::spawn(move || {
+                    published[k].store(1, Relaxed);
+                    srcu.synchronize();
+                    returned[k].store(1, Relaxed);
+                })
+            })
+            .collect();
+
+        let mut returned_inside = 0;
+        {
+            let _section = srcu.read_lock();
+            for k in 0..2 {
+                if returned[k].load(Relaxed) == 1 {
+                    returned_inside += 1;
+                    assert_eq!(
+                        published[k].load(Relaxed),
+                        1,
+                        "reader inside a read section saw writer {}'s synchronize return but \
+                         not what it published",
+                        k + 1
+                    );
+                }
+            }
+        }
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        record.record(match returned_inside {
+            0 => "no writer returned inside the section",
+            1 => "one writer returned inside the section",
+            _ => "both writers returned inside the section",
+        });
+    });
+    seen.assert_all(&[
+        "no writer returned inside the section",
+        "one writer returned inside the section",
+        "both writers returned inside the section",
+    ]);
+}
 
 /// Counts starts and ends; an end without a start fails the model.
 struct Late {
