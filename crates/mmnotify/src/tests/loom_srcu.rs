@@ -90,6 +90,9 @@ fn loom_srcu_reader_straddles_flips_of_two_writers() {
 struct Late {
     starts: AtomicUsize,
     ends: AtomicUsize,
+    /// Set to 2 by this subscriber's end: the moment the window it belongs to has delivered
+    /// its ends (it is the last subscriber of that window's snapshot).
+    closes: Option<Arc<AtomicUsize>>,
 }
 
 impl Subscriber for Late {
@@ -108,26 +111,40 @@ impl Subscriber for Late {
             ends <= self.starts.load(SeqCst),
             "I10/I4: a subscriber registered during a window got its end without a start"
         );
+        if let Some(closes) = &self.closes {
+            closes.store(2, SeqCst);
+        }
     }
 }
 
 /// I10 (with I4): a subscriber registered while a window is (maybe) open on another thread
 /// never gets that window's end without its start; and if the window was already open when
-/// `register` began, `register` returns only after the window ended.
+/// `register` began, `register` returns only after the window delivered its ends.
+///
+/// "Window closed" is recorded by the end callback of the window's last subscriber, from
+/// inside the window's end, so the check fails if `register` returns while that end is still
+/// to come. (It used to be recorded just before `guard.end()`, which let a `register` that
+/// returned before the end pass.) Shown to fail: with the `srcu.synchronize()` in
+/// `register_keyed` removed, loom reports "register returned while a window that was open
+/// before it is still open" (checked 2026-11-30).
 #[test]
 fn loom_register_concurrent_with_window() {
     let seen = Seen::new();
     let record = seen.clone();
     model(move || {
         let mm = Mm::new();
-        // A subscriber already there, so the window has a classic snapshot to work with.
+        // 0: not started; 1: start returned; 2: ends delivered.
+        let window_state = Arc::new(AtomicUsize::new(0));
+        // A subscriber already there, so the window has a classic snapshot to work with. It
+        // is the last one in any snapshot that the window can take while `late` is not
+        // registered yet, so its end is the last thing the window delivers in the case the
+        // check is about.
         let early = Arc::new(Late {
             starts: AtomicUsize::new(0),
             ends: AtomicUsize::new(0),
+            closes: Some(window_state.clone()),
         });
         mm.register(early.clone()).unwrap();
-        // 0: not started; 1: start returned; 2: about to end.
-        let window_state = Arc::new(AtomicUsize::new(0));
 
         let window = {
             let mm = mm.clone();
@@ -137,7 +154,6 @@ fn loom_register_concurrent_with_window() {
                     .invalidate_start(range(0x1000, 0x2000), Event::Unmap)
                     .unwrap();
                 window_state.store(1, SeqCst);
-                window_state.store(2, SeqCst);
                 guard.end();
             })
         };
@@ -145,6 +161,7 @@ fn loom_register_concurrent_with_window() {
         let late = Arc::new(Late {
             starts: AtomicUsize::new(0),
             ends: AtomicUsize::new(0),
+            closes: None,
         });
         let open_before = window_state.load(SeqCst) == 1;
         mm.register(late.clone()).unwrap();
