@@ -35,3 +35,6 @@ mod loom_interval;
 
 #[cfg(loom)]
 mod loom_srcu;
+
+#[cfg(loom)]
+mod loom_walks;
