@@ -34,6 +34,9 @@ mod loom_harness;
 mod loom_interval;
 
 #[cfg(loom)]
+mod loom_nested;
+
+#[cfg(loom)]
 mod loom_policies;
 
 #[cfg(loom)]
