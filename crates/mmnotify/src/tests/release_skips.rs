@@ -174,7 +174,7 @@ fn a_start_or_walk_skips_a_subscriber_whose_release_returned() {
             .filter(|p| !Arc::ptr_eq(p, prober))
             .map(Arc::downgrade)
             .collect();
-        prober.peers.set(peers).ok().expect("set once");
+        assert!(prober.peers.set(peers).is_ok(), "peers are set once");
         mm.register(prober.clone()).unwrap();
     }
 
