@@ -31,8 +31,10 @@ use crate::{Capabilities, Event, Invalidation, Mm, Refused, Subscriber};
 ///
 /// Shown to fail: with the index re-load after the fence in `Srcu::read_lock` weakened to
 /// `Relaxed`, loom reports "reader inside a read section saw writer 2's synchronize return but
-/// not what it published" (checked 2026-11-30). With the first index load `Relaxed` (as it is
-/// now) and the re-load `Acquire`, it passes.
+/// not what it published" at preemption bound 3; at bound 2 the broken copy passes, so 3 is
+/// the least bound that catches it (both checked 2026-11-30). With the first index load
+/// `Relaxed` (as it is now) and the re-load `Acquire`, it passes. Every other loom model
+/// passes with the broken re-load.
 #[test]
 fn loom_srcu_reader_straddles_flips_of_two_writers() {
     let seen = Seen::new();
