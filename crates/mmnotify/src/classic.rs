@@ -424,6 +424,9 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        if crate::sync::unwinding_under_loom() {
+            return;
+        }
         /// Tells the `Mm` about the free even if `free` panics, so `synchronize` cannot hang.
         struct Freed(Option<Arc<dyn FreeNotify>>);
         impl Drop for Freed {

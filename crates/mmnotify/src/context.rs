@@ -143,6 +143,9 @@ impl Scope {
 
 impl Drop for Scope {
     fn drop(&mut self) {
+        if crate::sync::unwinding_under_loom() {
+            return;
+        }
         // `try_with`: during thread teardown the record may already be gone, and then there is
         // nobody left to ask about it.
         let _ = RECORD.try_with(|record| {

@@ -403,6 +403,9 @@ fn refused(range: Range, refusers: Vec<Refuser>) -> Error {
 
 impl Drop for InvalidateGuard<'_> {
     fn drop(&mut self) {
+        if crate::sync::unwinding_under_loom() {
+            return;
+        }
         let mut caught: Caught = None;
         self.close_epoch();
         self.deliver_ends(&mut caught);

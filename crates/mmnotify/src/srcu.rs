@@ -42,9 +42,12 @@
 //! first, the writer's wait sees the increment and waits for this reader. If the writer's fence
 //! comes first, the reader's re-read sees the flipped index and backs off, and the reader that
 //! eventually proceeds does so after the flip, hence after the publication: it sees the
-//! change. A reader that raced with *two* flips and ends up on the original index again has
-//! still re-read the index after the second flip, so it too sees every change published before
-//! it. Either way no reader that could have missed the change is left unwaited-for.
+//! change. A reader that raced with *two* flips (by two writers) and ends up on the original
+//! index again has re-read the index from the second flip; that writer drains the other
+//! counter and does not wait for it, so the reader must see what it published through the
+//! re-read itself: the re-read is an `Acquire` load that synchronises with the `Release` flip.
+//! Either way no reader that could have missed the change is left unwaited-for. (The first
+//! read of the index only chooses a counter and may be `Relaxed`; see `read_lock`.)
 //!
 //! The drain wait sleeps on a condition variable. A reader that takes a counter to zero wakes
 //! the writer if one announced itself in `waiters`; the announcement and the decrement are
@@ -86,13 +89,24 @@ impl Srcu {
     /// Enters a read section. Never blocks.
     pub(crate) fn read_lock(&self) -> SrcuReadGuard<'_> {
         loop {
-            // Acquire: pairs with the Release flip in `synchronize`. A reader that sees a flipped
-            // index sees everything the writer published before flipping, even when its fence
-            // comes first in the SeqCst order (then the writer does not wait for it).
-            let i = self.index.load(Ordering::Acquire);
+            // Relaxed: this load only picks the counter to increment; nothing is read on the
+            // strength of it. The section is entered only through the re-load below, which
+            // comes later in program order and so reads this same flip or a later one
+            // (read-read coherence); its Acquire synchronises with the flip it reads, and
+            // every earlier flip happens before that one (writers are serialised by `gp`). An
+            // Acquire here would add no visibility. (`loom_srcu_reader_straddles_flips_of_two_writers`
+            // passes with it Relaxed.)
+            let i = self.index.load(Ordering::Relaxed);
             self.readers[i].fetch_add(1, Ordering::Relaxed);
             // Pairs with the fence in `synchronize`: see the module docs.
             fence(Ordering::SeqCst);
+            // Acquire, and it must be: pairs with the Release flip in `synchronize`. The case
+            // that needs it is a reader whose fence comes *before* the fence of the writer whose
+            // flip this load reads. That writer drains the other counter (the index it read
+            // equals `i` only because two flips, by two different writers, happened since the
+            // first load), so it never waits for this reader; the only edge from its
+            // publication to this read section is this load synchronising with its flip.
+            // Relaxed here fails `loom_srcu_reader_straddles_flips_of_two_writers`.
             if self.index.load(Ordering::Acquire) == i {
                 // INVARIANT: readers[i] was incremented for exactly this guard.
                 return SrcuReadGuard {
@@ -126,7 +140,7 @@ impl Srcu {
     pub(crate) fn synchronize(&self) {
         let _gp = self.gp.lock();
         let old = self.index.load(Ordering::Relaxed);
-        // Release: pairs with the Acquire loads of the index in `read_lock`.
+        // Release: pairs with the Acquire re-load of the index in `read_lock`.
         self.index.store(1 - old, Ordering::Release);
         self.waiters.fetch_add(1, Ordering::Relaxed);
         // Pairs with the fence in `read_lock` (flip vs. increment) and with the one in
@@ -158,6 +172,9 @@ pub(crate) struct SrcuReadGuard<'a> {
 
 impl Drop for SrcuReadGuard<'_> {
     fn drop(&mut self) {
+        if crate::sync::unwinding_under_loom() {
+            return;
+        }
         self.srcu.read_unlock(self.index);
     }
 }
