@@ -255,8 +255,9 @@ pub trait Subscriber: Send + Sync + 'static {
     fn free(&self) {}
 }
 
-/// Counters of what one registration received, readable at any time through
-/// [`Mm::subscriber_stats`](crate::Mm::subscriber_stats).
+/// Counters of what one registration received, readable while it is registered through
+/// [`Mm::subscriber_stats`](crate::Mm::subscriber_stats), and returned, final, by
+/// [`Mm::unregister`](crate::Mm::unregister).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub struct SubscriberStats {
@@ -323,7 +324,9 @@ pub(crate) struct Registration {
     /// Set once `register` returned: every invalidation in flight at registration has ended.
     ready: AtomicBool,
     release_once: Mutex<bool>,
-    pub(crate) stats: StatCounters,
+    /// Shared so that the counters outlive the registration: `unregister` after process exit
+    /// still reports them.
+    pub(crate) stats: Arc<StatCounters>,
     /// Set when unlinked; the `Mm` then counts this registration as a pending free.
     on_free: Mutex<Option<Arc<dyn FreeNotify>>>,
 }
@@ -355,7 +358,7 @@ impl Registration {
             released_flag: AtomicBool::new(false),
             ready: AtomicBool::new(false),
             release_once: Mutex::new(false),
-            stats: StatCounters::default(),
+            stats: Arc::default(),
             on_free: Mutex::new(None),
         }
     }

@@ -203,11 +203,12 @@ impl<'mm> InvalidateGuard<'mm> {
         let mut finish: u64 = 0;
         let mut finish_spill: Vec<usize> = Vec::new();
         let mut refuser = None;
-        for (i, node) in hits.iter().enumerate() {
+        for (i, hit) in hits.iter().enumerate() {
+            let node = &hit.node;
             let ctx = IntervalCtx { node, cur_seq };
             let outcome = {
                 let _cb = Scope::enter(self.mm.id, ScopeKind::Callback { nonblocking });
-                catch(caught, || node.subscriber.invalidate(&ctx, &self.inv))
+                catch(caught, || hit.subscriber.invalidate(&ctx, &self.inv))
             };
             match outcome {
                 Some(Invalidate::Done) => {}
@@ -228,7 +229,8 @@ impl<'mm> InvalidateGuard<'mm> {
                 }
             }
         }
-        for (i, node) in hits.iter().enumerate() {
+        for (i, hit) in hits.iter().enumerate() {
+            let node = &hit.node;
             let wants_finish = if i < 64 {
                 finish & (1 << i) != 0
             } else {
@@ -237,9 +239,7 @@ impl<'mm> InvalidateGuard<'mm> {
             if wants_finish {
                 let ctx = IntervalCtx { node, cur_seq };
                 let _cb = Scope::enter(self.mm.id, ScopeKind::Callback { nonblocking });
-                catch(caught, || {
-                    node.subscriber.invalidate_finish(&ctx, &self.inv)
-                });
+                catch(caught, || hit.subscriber.invalidate_finish(&ctx, &self.inv));
             }
         }
         match refuser {

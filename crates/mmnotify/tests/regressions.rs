@@ -1,0 +1,308 @@
+//! Regression tests for the engine items of issue 13 (items 6 to 10): each test failed (or hung,
+//! or did not compile) against the engine before the fix, as its doc comment says, and names the
+//! invariants of `docs/SEMANTICS.md` it checks.
+//!
+//! Tests that could hang on a regressed engine run on another thread, joined with a deadline, so
+//! that a hang fails the one test instead of stalling the run.
+#![allow(clippy::disallowed_types)] // std::sync is fine in tests: they are not loom-checked.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::SeqCst};
+use std::sync::{mpsc, Arc, Mutex, OnceLock, Weak};
+use std::thread;
+use std::time::Duration;
+
+use mmnotify::{
+    BlockingOp, Capabilities, DeadlockCause, Error, Event, IntervalCtx, IntervalHandle,
+    IntervalSubscriber, Invalidate, Invalidation, Mm, Policy, Range, Refused, Subscriber,
+};
+
+/// Turns a hang into a failure.
+const HANG: Duration = Duration::from_secs(10);
+
+fn range(start: u64, end: u64) -> Range {
+    Range::new(start, end).unwrap()
+}
+
+/// Runs `f` on another thread and fails if it does not finish within [`HANG`].
+fn within_bound<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(HANG)
+        .unwrap_or_else(|_| panic!("{what} did not return: it hangs"))
+}
+
+// --- item 10: interval ownership -------------------------------------------------------------
+
+/// A device-like interval subscriber that keeps its own handle, for its fault path.
+struct SelfOwning {
+    handle: OnceLock<IntervalHandle>,
+    drops: Arc<AtomicU64>,
+}
+
+impl SelfOwning {
+    fn insert(mm: &Mm, at: Range, drops: &Arc<AtomicU64>) -> Weak<SelfOwning> {
+        let sub = Arc::new(SelfOwning {
+            handle: OnceLock::new(),
+            drops: Arc::clone(drops),
+        });
+        let handle = mm.insert_interval(at, sub.clone()).unwrap();
+        assert!(sub.handle.set(handle).is_ok());
+        Arc::downgrade(&sub)
+    }
+
+    /// The fault path: uses its own handle.
+    fn fault(&self) -> bool {
+        let handle = self.handle.get().expect("handle stored at insert");
+        let seq = handle.read_begin().unwrap();
+        !handle.read_retry(seq)
+    }
+}
+
+impl IntervalSubscriber for SelfOwning {
+    fn invalidate(&self, ctx: &IntervalCtx<'_>, _: &Invalidation) -> Invalidate {
+        ctx.set_seq();
+        Invalidate::Done
+    }
+}
+
+impl Drop for SelfOwning {
+    fn drop(&mut self) {
+        self.drops.fetch_add(1, SeqCst);
+    }
+}
+
+/// I31, issue 13 item 10: an interval subscriber that stores its own `IntervalHandle` (handle →
+/// node → subscriber → handle) is dropped, exactly once, when its interval is removed.
+///
+/// Regression: the node owned the subscriber, so the cycle was never freed; on the old engine
+/// `weak.upgrade()` still succeeded after `remove_interval` (and the test did not compile
+/// against the old `insert_interval(start, len, ..)`).
+#[test]
+fn self_owning_interval_subscriber_is_freed_by_remove() {
+    let mm = Mm::new();
+    let drops = Arc::new(AtomicU64::new(0));
+    let weak = SelfOwning::insert(&mm, range(0x1000, 0x2000), &drops);
+    {
+        let sub = weak
+            .upgrade()
+            .expect("the engine keeps the subscriber while inserted");
+        assert!(sub.fault());
+        let handle = sub.handle.get().unwrap().clone();
+        drop(sub);
+        mm.remove_interval(&handle).unwrap();
+        // The subscriber (and with it the handle it stored) is gone; ours still answers.
+        assert_eq!(
+            handle.read_begin(),
+            Err(Error::IntervalNotInserted { id: handle.id() })
+        );
+    }
+    assert!(
+        weak.upgrade().is_none(),
+        "the self-owning subscriber leaked"
+    );
+    assert_eq!(drops.load(SeqCst), 1);
+}
+
+/// I31, I27: the same cycle freed by a deferred removal applied at the epoch's close.
+#[test]
+fn self_owning_interval_subscriber_is_freed_by_a_deferred_remove() {
+    let mm = Mm::new();
+    let drops = Arc::new(AtomicU64::new(0));
+    let weak = SelfOwning::insert(&mm, range(0x1000, 0x2000), &drops);
+    let guard = mm
+        .invalidate_start(range(0x1000, 0x2000), Event::Unmap)
+        .unwrap();
+    let handle = weak.upgrade().unwrap().handle.get().unwrap().clone();
+    mm.remove_interval_deferred(&handle).unwrap();
+    drop(handle);
+    assert_eq!(drops.load(SeqCst), 0, "removal is deferred to the close");
+    guard.end();
+    assert!(
+        weak.upgrade().is_none(),
+        "the self-owning subscriber leaked"
+    );
+    assert_eq!(drops.load(SeqCst), 1);
+}
+
+/// Dropping the `Mm` drops every interval subscriber, even the self-owning kind and even while
+/// the owner holds a handle; the handle then reports the interval as not inserted.
+///
+/// Regression: the node owned the subscriber and the handle owned the node, so while a handle
+/// lived (including one stored in the subscriber itself) the subscriber survived its `Mm`,
+/// against what `Mm`'s docs promise.
+#[test]
+fn dropping_the_mm_drops_interval_subscribers_while_handles_live() {
+    let mm = Mm::new();
+    let drops = Arc::new(AtomicU64::new(0));
+    let self_owning = SelfOwning::insert(&mm, range(0x1000, 0x2000), &drops);
+    let plain_drops = Arc::new(AtomicU64::new(0));
+    let plain = Arc::new(SelfOwning {
+        handle: OnceLock::new(),
+        drops: Arc::clone(&plain_drops),
+    });
+    let kept = mm
+        .insert_interval(range(0x4000, 0x5000), plain.clone())
+        .unwrap();
+    let plain_weak = Arc::downgrade(&plain);
+    drop(plain);
+    // Queued for insertion during an epoch: dropped too.
+    let guard_mm = mm.clone();
+    let guard = guard_mm
+        .invalidate_start(range(0x4000, 0x5000), Event::Unmap)
+        .unwrap();
+    let queued_drops = Arc::new(AtomicU64::new(0));
+    let queued = SelfOwning::insert(&mm, range(0x8000, 0x9000), &queued_drops);
+    assert_eq!(mm.interval_state().deferred, 1);
+    guard.end();
+    drop(guard_mm);
+
+    drop(mm);
+    assert!(
+        self_owning.upgrade().is_none(),
+        "self-owning subscriber outlived its Mm"
+    );
+    assert!(
+        plain_weak.upgrade().is_none(),
+        "subscriber outlived its Mm while a handle lives"
+    );
+    assert!(queued.upgrade().is_none());
+    assert_eq!(
+        (
+            drops.load(SeqCst),
+            plain_drops.load(SeqCst),
+            queued_drops.load(SeqCst)
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!(
+        kept.read_begin(),
+        Err(Error::IntervalNotInserted { id: kept.id() })
+    );
+    assert_eq!(kept.range(), range(0x4000, 0x5000));
+}
+
+/// I29, issue 13 item 10: `read_begin_timeout` takes a `Duration`, `read_begin_until` an
+/// `Instant`; both give up with `ReadBeginTimeout`, and a `Duration` too large to add to now
+/// means no limit rather than a panic. `check_retry` takes the sequence by value.
+///
+/// Regression: `read_begin_timeout` took an `Instant` (this test did not compile).
+#[test]
+fn read_begin_timeout_takes_a_duration() {
+    let mm = Mm::new();
+    let drops = Arc::new(AtomicU64::new(0));
+    let weak = SelfOwning::insert(&mm, range(0x1000, 0x2000), &drops);
+    let handle = weak.upgrade().unwrap().handle.get().unwrap().clone();
+    let before = handle.read_begin_timeout(Duration::MAX).unwrap();
+    let guard = mm
+        .invalidate_start(range(0x1000, 0x2000), Event::Unmap)
+        .unwrap();
+    assert!(handle.check_retry(before));
+    let h2 = handle.clone();
+    let e = within_bound("read_begin_timeout", move || {
+        let a = h2.read_begin_timeout(Duration::from_millis(20));
+        let b = h2.read_begin_until(std::time::Instant::now() + Duration::from_millis(20));
+        (a, b)
+    });
+    assert!(matches!(e.0, Err(Error::ReadBeginTimeout { .. })), "{e:?}");
+    assert!(matches!(e.1, Err(Error::ReadBeginTimeout { .. })), "{e:?}");
+    guard.end();
+    let seq = handle
+        .read_begin_timeout(Duration::from_millis(20))
+        .unwrap();
+    assert!(!handle.check_retry(seq) && !handle.read_retry(seq));
+    mm.remove_interval(&handle).unwrap();
+}
+
+// --- item 10: final statistics ---------------------------------------------------------------
+
+/// Counts windows in progress, as KVM does; goes negative on an end without a start.
+#[derive(Default)]
+struct KvmLike {
+    in_progress: AtomicI64,
+    min_seen: AtomicI64,
+    starts: AtomicU64,
+    ends: AtomicU64,
+}
+
+impl KvmLike {
+    fn in_progress(&self) -> i64 {
+        self.in_progress.load(SeqCst)
+    }
+}
+
+impl Subscriber for KvmLike {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new().with_start().with_end()
+    }
+    fn invalidate_range_start(&self, _: &Invalidation) -> Result<(), Refused> {
+        self.starts.fetch_add(1, SeqCst);
+        self.in_progress.fetch_add(1, SeqCst);
+        Ok(())
+    }
+    fn invalidate_range_end(&self, _: &Invalidation) {
+        self.ends.fetch_add(1, SeqCst);
+        let now = self.in_progress.fetch_sub(1, SeqCst) - 1;
+        self.min_seen.fetch_min(now, SeqCst);
+    }
+}
+
+/// I12, I21, issue 13 item 10: `unregister` returns the registration's final counters,
+/// including the end of the window it waited for.
+///
+/// Regression: `unregister` returned `()` and the counters vanished with the registration, so
+/// the end delivered during the wait could not be read (this test did not compile).
+#[test]
+fn unregister_returns_the_final_stats_with_the_awaited_end() {
+    let mm = Mm::new();
+    let kvm = Arc::new(KvmLike::default());
+    let id = mm.register(kvm.clone()).unwrap();
+    mm.invalidate_start(range(0, 0x1000), Event::Unmap)
+        .unwrap()
+        .end();
+    let (opened_tx, opened_rx) = mpsc::channel();
+    let (end_tx, end_rx) = mpsc::channel::<()>();
+    let window_mm = mm.clone();
+    let window = thread::spawn(move || {
+        let guard = window_mm
+            .invalidate_start(range(0x1000, 0x2000), Event::Unmap)
+            .unwrap();
+        opened_tx.send(()).unwrap();
+        end_rx.recv().unwrap();
+        thread::sleep(Duration::from_millis(20));
+        guard.end();
+    });
+    opened_rx.recv().unwrap();
+    end_tx.send(()).unwrap();
+    let unregister_mm = mm.clone();
+    let stats = within_bound("unregister", move || unregister_mm.unregister(id)).unwrap();
+    window.join().unwrap();
+    assert_eq!((stats.starts, stats.ends, stats.releases), (2, 2, 1));
+    assert_eq!(kvm.in_progress(), 0);
+    assert_eq!(mm.subscriber_stats(id), Err(Error::NotRegistered { id }));
+}
+
+/// I11, I21: after process exit, the owner's `unregister` still returns the final counters.
+#[test]
+fn unregister_after_exit_returns_the_final_stats() {
+    let mm = Mm::new();
+    let kvm = Arc::new(KvmLike::default());
+    let id = mm.register(kvm.clone()).unwrap();
+    mm.invalidate_start(range(0, 0x1000), Event::Unmap)
+        .unwrap()
+        .end();
+    mm.release().unwrap();
+    let stats = mm.unregister(id).unwrap();
+    assert_eq!((stats.starts, stats.ends, stats.releases), (1, 1, 1));
+    assert_eq!(mm.unregister(id), Err(Error::NotRegistered { id }));
+}
+
+#[allow(dead_code)]
+fn unused() -> (BlockingOp, DeadlockCause, Policy) {
+    (
+        BlockingOp::Register,
+        DeadlockCause::HoldsGuard,
+        Policy::Exact,
+    )
+}
