@@ -310,8 +310,10 @@ pub(crate) trait FreeNotify: Send + Sync + fmt::Debug {
 /// # Invariants
 ///
 /// * `caps` is not contradictory (checked before construction).
-/// * `released` is set, under `release_once`, exactly when `release` has returned; so is
-///   `released_flag`, which is never cleared.
+/// * `released_flag` is set, under `release_once`, exactly when `release` has returned, and is
+///   never cleared.
+/// * `release_once` holds `true` once `release` must not be called any more: it returned, or
+///   a `put` to zero claimed the registration first (then `release` is never called).
 pub(crate) struct Registration {
     pub(crate) id: SubscriberId,
     /// The owning `Mm`'s id, for the context marks around `free`.
@@ -371,8 +373,8 @@ impl Registration {
         self.released_flag.load(Ordering::Acquire)
     }
 
-    /// Calls `release` unless it already ran; returns after it has run, by us or by a
-    /// concurrent caller.
+    /// Calls `release` unless it already ran or a `put` to zero came first; returns after it
+    /// has run, by us or by a concurrent caller.
     ///
     /// The `release_once` lock is held across the callback: that is what makes a second caller
     /// wait for the first one's release to *finish*. A release callback that calls back into
@@ -422,6 +424,16 @@ impl Registration {
     /// Marks the registration unlinked: from now on its drop counts as a pending free of `mm`.
     pub(crate) fn set_unlinked(&self, notify: Arc<dyn FreeNotify>) {
         *self.on_free.lock() = Some(notify);
+    }
+
+    /// A `put` to zero: from now on `release` is never called for this registration (Linux's
+    /// users drop their mirror themselves before the last put). Never blocks: if a `release`
+    /// is running right now (by `Mm::release` on another thread, or this very thread's
+    /// `release` callback calling `put`), it simply finishes; it did not begin after the put.
+    pub(crate) fn forgo_release(&self) {
+        if let Some(mut released) = self.release_once.try_lock() {
+            *released = true;
+        }
     }
 }
 

@@ -540,6 +540,7 @@ impl Mm {
         entry.1 -= 1;
         if entry.1 == 0 {
             registry.shared.remove(&key);
+            current.subs[index].forgo_release();
             self.inner.unlink(id, &mut retired);
             tracing::debug!(target: "mmnotify", mm = self.inner.id, subscriber = id.0, "put to zero; unlinked");
         }

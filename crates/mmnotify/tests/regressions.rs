@@ -298,6 +298,96 @@ fn unregister_after_exit_returns_the_final_stats() {
     assert_eq!(mm.unregister(id), Err(Error::NotRegistered { id }));
 }
 
+// --- item 7: release after put to zero --------------------------------------------------------
+
+/// Puts the *other* subscriber of a pair from its own `release`, and counts its releases.
+struct PutsOther {
+    mm: Mutex<Option<Mm>>,
+    other: Arc<OnceLock<mmnotify::SubscriberId>>,
+    releases: Arc<AtomicU64>,
+    put_result: Arc<Mutex<Option<Result<(), Error>>>>,
+}
+
+impl Subscriber for PutsOther {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new()
+    }
+    fn release(&self) {
+        self.releases.fetch_add(1, SeqCst);
+        // Only the first of the pair to be released puts the other.
+        if let Some(mm) = self.mm.lock().unwrap().take() {
+            if let Some(&other) = self.other.get() {
+                if self.put_result.lock().unwrap().is_none() {
+                    *self.put_result.lock().unwrap() = Some(mm.put(other));
+                }
+            }
+        }
+    }
+}
+
+/// Two distinct types, so that `get_or_register` keeps one registration of each.
+struct First(PutsOther);
+struct Second(PutsOther);
+impl Subscriber for First {
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    fn release(&self) {
+        self.0.release();
+    }
+}
+impl Subscriber for Second {
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    fn release(&self) {
+        self.0.release();
+    }
+}
+
+/// I14, I16, issue 13 item 7: `Mm::release` never calls `release` on a registration whose
+/// last `put` already returned. Here the first subscriber that process exit releases puts the
+/// other one to zero from its `release`; the other must get no `release` (whatever the call
+/// order, which differs between policies).
+///
+/// Regression: `Mm::release` walked the snapshot it took before the first `release` and called
+/// the put-to-zero registration too: 2 releases instead of 1 (checked against the old engine).
+#[test]
+fn process_exit_skips_a_registration_put_to_zero_during_it() {
+    for policy in Policy::ALL {
+        let mm = Mm::with_policy(policy);
+        let releases = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
+        let ids = [Arc::new(OnceLock::new()), Arc::new(OnceLock::new())];
+        let put_result = Arc::new(Mutex::new(None));
+        let make = |me: usize| PutsOther {
+            mm: Mutex::new(Some(mm.clone())),
+            other: Arc::clone(&ids[1 - me]),
+            releases: Arc::clone(&releases[me]),
+            put_result: Arc::clone(&put_result),
+        };
+        let first = mm.get_or_register(|| Arc::new(First(make(0)))).unwrap();
+        let second = mm.get_or_register(|| Arc::new(Second(make(1)))).unwrap();
+        ids[0].set(first).unwrap();
+        ids[1].set(second).unwrap();
+        mm.release().unwrap();
+        let got = [releases[0].load(SeqCst), releases[1].load(SeqCst)];
+        assert_eq!(
+            *put_result.lock().unwrap(),
+            Some(Ok(())),
+            "{policy}: the put from release worked"
+        );
+        assert_eq!(
+            got.iter().sum::<u64>(),
+            1,
+            "{policy}: release reached a registration whose last put had returned: {got:?}"
+        );
+        // The survivor's owner still balances its own use count after exit.
+        let survivor = if got[0] == 1 { first } else { second };
+        assert_eq!(mm.put(survivor), Ok(()), "{policy}");
+        mm.synchronize().unwrap();
+    }
+}
+
 #[allow(dead_code)]
 fn unused() -> (BlockingOp, DeadlockCause, Policy) {
     (
