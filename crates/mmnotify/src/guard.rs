@@ -73,10 +73,10 @@ pub struct InvalidateGuard<'mm> {
     epoch: bool,
     classic: Option<Arc<Snapshot>>,
     started: StartedSet,
-    // Field order is drop order: the snapshot above is released before the thread mark and
-    // the read section below, so a registration freed by this drop is freed inside the read
-    // section that `synchronize` waits for.
-    _scope: Scope,
+    // Field order is drop order: the snapshot above is released before the read section below
+    // (which carries the thread's guard mark), so a registration freed by this drop is freed
+    // inside the read section that `synchronize` waits for, and a blocking call from its
+    // subscriber's `Drop` is refused.
     _read: SrcuReadGuard<'mm>,
     _not_send: PhantomData<*const ()>,
 }
@@ -155,15 +155,13 @@ impl<'mm> InvalidateGuard<'mm> {
         blockable: Blockable,
         classic: bool,
     ) -> Result<Self> {
-        let read = mm.srcu.read_lock();
-        let scope = Scope::enter(mm.id, ScopeKind::Guard);
+        let read = mm.srcu.read_lock(ScopeKind::Guard);
         let mut guard = InvalidateGuard {
             mm,
             inv: Invalidation::new(range, event, blockable),
             epoch: false,
             classic: None,
             started: StartedSet::default(),
-            _scope: scope,
             _read: read,
             _not_send: PhantomData,
         };

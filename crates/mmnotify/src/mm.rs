@@ -102,7 +102,7 @@ impl MmBuilder {
             inner: Arc::new(MmInner {
                 id,
                 policy: self.policy,
-                srcu: Srcu::new(),
+                srcu: Srcu::new(id),
                 snapshot: RwLock::new(Arc::new(Snapshot::default())),
                 has_classic: AtomicBool::new(false),
                 registry: Mutex::new(Registry::default()),
@@ -700,7 +700,7 @@ impl Mm {
         mut call: impl FnMut(&dyn Subscriber) -> bool,
         stop_at_first: bool,
     ) -> bool {
-        let _read = self.inner.srcu.read_lock();
+        let _read = self.inner.srcu.read_lock(ScopeKind::Walk);
         let Some(snapshot) = self.inner.classic_snapshot() else {
             return false;
         };
@@ -718,7 +718,7 @@ impl Mm {
     /// Flushes the secondary TLBs of `range` on every subscriber that declared the
     /// secondary-TLB callback (called in step with the primary TLB flush; never sleeps).
     pub fn arch_invalidate_secondary_tlbs(&self, range: Range) {
-        let _read = self.inner.srcu.read_lock();
+        let _read = self.inner.srcu.read_lock(ScopeKind::Walk);
         let Some(snapshot) = self.inner.classic_snapshot() else {
             return;
         };

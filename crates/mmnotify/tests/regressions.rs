@@ -388,6 +388,111 @@ fn process_exit_skips_a_registration_put_to_zero_during_it() {
     }
 }
 
+// --- item 6: blocking from a subscriber's Drop at the end of a walk ----------------------------
+
+/// A get/put subscriber that puts itself from a young or TLB callback, so that the walk's
+/// snapshot holds the last reference; its `Drop` then calls a blocking method of the `Mm`.
+struct DropsAtWalkEnd {
+    mm: Mutex<Option<Mm>>,
+    id: Arc<OnceLock<mmnotify::SubscriberId>>,
+    tlb: bool,
+    on_drop: Arc<Mutex<Vec<(&'static str, Result<(), Error>)>>>,
+}
+
+impl DropsAtWalkEnd {
+    fn put_self(&self) {
+        let mm = self.mm.lock().unwrap().clone();
+        if let (Some(mm), Some(&id)) = (mm, self.id.get()) {
+            mm.put(id).unwrap();
+        }
+    }
+}
+
+impl Subscriber for DropsAtWalkEnd {
+    fn capabilities(&self) -> Capabilities {
+        if self.tlb {
+            Capabilities::new().with_secondary_tlb()
+        } else {
+            Capabilities::new()
+        }
+    }
+    fn clear_young(&self, _: Range) -> bool {
+        self.put_self();
+        true
+    }
+    fn arch_invalidate_secondary_tlbs(&self, _: Range) {
+        self.put_self();
+    }
+}
+
+impl Drop for DropsAtWalkEnd {
+    fn drop(&mut self) {
+        let Some(mm) = self.mm.get_mut().unwrap().take() else {
+            return;
+        };
+        let mut log = self.on_drop.lock().unwrap();
+        log.push(("synchronize", mm.synchronize()));
+        log.push(("register", mm.register(Arc::new(Plain)).map(|_| ())));
+    }
+}
+
+struct Plain;
+impl Subscriber for Plain {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new()
+    }
+}
+
+/// I13, I18, issue 13 item 6: a subscriber whose last reference goes at the end of a young or
+/// secondary-TLB walk (it put itself from the walk's callback) and whose `Drop` calls blocking
+/// methods of its `Mm` gets `WouldDeadlock(InsideWalk)`, as it gets `WouldDeadlock` from a
+/// guard's end, instead of waiting for its own thread's read section.
+///
+/// Regression: the walks entered a read section without marking the thread, so `synchronize`
+/// in the `Drop` waited forever for the walk it was called from (checked against the old
+/// engine: this test failed with "did not return: it hangs").
+#[test]
+fn blocking_from_a_drop_at_the_end_of_a_walk_would_deadlock() {
+    for (walk, tlb) in [("clear_young", false), ("secondary TLB", true)] {
+        let mm = Mm::new();
+        let on_drop = Arc::new(Mutex::new(Vec::new()));
+        let id = Arc::new(OnceLock::new());
+        let sub = DropsAtWalkEnd {
+            mm: Mutex::new(Some(mm.clone())),
+            id: Arc::clone(&id),
+            tlb,
+            on_drop: Arc::clone(&on_drop),
+        };
+        id.set(mm.get_or_register(move || Arc::new(sub)).unwrap())
+            .unwrap();
+        let walker = mm.clone();
+        within_bound(walk, move || {
+            if tlb {
+                walker.arch_invalidate_secondary_tlbs(range(0, 0x1000));
+            } else {
+                assert!(walker.clear_young(range(0, 0x1000)));
+            }
+        });
+        let expected = |op| {
+            Err(Error::WouldDeadlock {
+                op,
+                cause: DeadlockCause::InsideWalk,
+            })
+        };
+        assert_eq!(
+            *on_drop.lock().unwrap(),
+            vec![
+                ("synchronize", expected(BlockingOp::Synchronize)),
+                ("register", expected(BlockingOp::Register)),
+            ],
+            "{walk}"
+        );
+        assert!(mm.subscribers().is_empty());
+        // Outside the walk the same calls work.
+        mm.synchronize().unwrap();
+    }
+}
+
 #[allow(dead_code)]
 fn unused() -> (BlockingOp, DeadlockCause, Policy) {
     (
