@@ -254,7 +254,7 @@ impl<'mm> InvalidateGuard<'mm> {
         let mut refusers: Vec<Refuser> = Vec::new();
         let mut end_now_and_later = false;
         for (i, reg) in snapshot.subs.iter().enumerate() {
-            if reg.is_released() {
+            if policy.skips_released() && reg.is_released() {
                 continue;
             }
             if !reg.caps.has_start() {

@@ -371,8 +371,10 @@ impl Mm {
                 registry.shared.insert(key, (id, 1));
             }
             let reg = Arc::new(Registration::new(id, self.inner.id, subscriber, caps, key));
-            self.inner
-                .publish(current.with(Arc::clone(&reg)), &mut retired);
+            self.inner.publish(
+                current.with(Arc::clone(&reg), self.inner.policy.newest_first()),
+                &mut retired,
+            );
             (id, reg)
         };
         drop(retired);
@@ -575,7 +577,8 @@ impl Mm {
             .ok_or(Error::NotRegistered { id })
     }
 
-    /// The ids of the registered classic subscribers, in call order.
+    /// The ids of the registered classic subscribers, in call order: registration order under
+    /// [`Policy::Exact`], newest first under the Linux policies (as Linux's list is).
     pub fn subscribers(&self) -> Vec<SubscriberId> {
         self.inner.current().subs.iter().map(|r| r.id).collect()
     }
@@ -705,7 +708,12 @@ impl Mm {
             return false;
         };
         let mut young = false;
-        for reg in snapshot.subs.iter().filter(|r| !r.is_released()) {
+        let skip_released = self.inner.policy.skips_released();
+        for reg in snapshot
+            .subs
+            .iter()
+            .filter(|r| !(skip_released && r.is_released()))
+        {
             let _cb = Scope::enter(self.inner.id, ScopeKind::Callback { nonblocking: true });
             young |= call(reg.subscriber.as_ref());
             if young && stop_at_first {
@@ -722,11 +730,9 @@ impl Mm {
         let Some(snapshot) = self.inner.classic_snapshot() else {
             return;
         };
-        for reg in snapshot
-            .subs
-            .iter()
-            .filter(|r| r.caps.has_secondary_tlb() && !r.is_released())
-        {
+        for reg in snapshot.subs.iter().filter(|r| {
+            r.caps.has_secondary_tlb() && !(self.inner.policy.skips_released() && r.is_released())
+        }) {
             let _cb = Scope::enter(self.inner.id, ScopeKind::Callback { nonblocking: true });
             reg.subscriber.arch_invalidate_secondary_tlbs(range);
         }

@@ -239,7 +239,8 @@ struct Model {
     canary: bool,
     released: bool,
     slots: Vec<SlotModel>,
-    /// Linked slots in registration (call) order: the current snapshot.
+    /// Linked slots in call order (registration order under Exact, newest first under the
+    /// Linux policies): the current snapshot.
     order: Vec<usize>,
     /// `get_or_register` key → (slot, use count).
     shared: [Option<(usize, u64)>; KEYS],
@@ -287,7 +288,13 @@ impl Model {
             violations: 0,
         });
         let slot = self.slots.len() - 1;
-        self.order.push(slot);
+        // I3: Linux's list is built with hlist_add_head_rcu (newest first); Exact calls in
+        // registration order.
+        if self.policy == Policy::Exact {
+            self.order.push(slot);
+        } else {
+            self.order.insert(0, slot);
+        }
         slot
     }
 

@@ -6,7 +6,7 @@
 //! that a hang fails the one test instead of stalling the run.
 #![allow(clippy::disallowed_types)] // std::sync is fine in tests: they are not loom-checked.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::SeqCst};
 use std::sync::{mpsc, Arc, Mutex, OnceLock, Weak};
 use std::thread;
 use std::time::Duration;
@@ -224,6 +224,7 @@ struct KvmLike {
     min_seen: AtomicI64,
     starts: AtomicU64,
     ends: AtomicU64,
+    released: AtomicBool,
 }
 
 impl KvmLike {
@@ -245,6 +246,9 @@ impl Subscriber for KvmLike {
         self.ends.fetch_add(1, SeqCst);
         let now = self.in_progress.fetch_sub(1, SeqCst) - 1;
         self.min_seen.fetch_min(now, SeqCst);
+    }
+    fn release(&self) {
+        self.released.store(true, SeqCst);
     }
 }
 
@@ -493,11 +497,290 @@ fn blocking_from_a_drop_at_the_end_of_a_walk_would_deadlock() {
     }
 }
 
-#[allow(dead_code)]
-fn unused() -> (BlockingOp, DeadlockCause, Policy) {
-    (
-        BlockingOp::Register,
-        DeadlockCause::HoldsGuard,
-        Policy::Exact,
-    )
+// --- item 8: Linux policies during process exit ---------------------------------------------
+
+/// Shared by the two [`SlowRelease`] subscribers: the first one whose `release` runs after the
+/// KVM-like one's returned holds `Mm::release` there until the test lets it go.
+struct ExitGate {
+    kvm: Arc<KvmLike>,
+    blocked: Mutex<Option<mpsc::Sender<()>>>,
+    resume: Mutex<Option<mpsc::Receiver<()>>>,
+}
+
+struct SlowRelease(Arc<ExitGate>);
+struct SlowRelease2(Arc<ExitGate>);
+
+impl ExitGate {
+    fn release(&self) {
+        if !self.kvm.released.load(SeqCst) {
+            return;
+        }
+        let Some(blocked) = self.blocked.lock().unwrap().take() else {
+            return;
+        };
+        let resume = self.resume.lock().unwrap().take().unwrap();
+        blocked.send(()).unwrap();
+        resume.recv_timeout(HANG).unwrap();
+    }
+}
+
+impl Subscriber for SlowRelease {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new()
+    }
+    fn release(&self) {
+        self.0.release();
+    }
+}
+
+impl Subscriber for SlowRelease2 {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new()
+    }
+    fn release(&self) {
+        self.0.release();
+    }
+}
+
+/// Refuses every non-blocking start (Linux's convention: no end).
+struct Refuser;
+impl Subscriber for Refuser {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new().with_start().may_refuse()
+    }
+    fn invalidate_range_start(&self, inv: &Invalidation) -> Result<(), Refused> {
+        if inv.is_blockable() {
+            Ok(())
+        } else {
+            Err(Refused)
+        }
+    }
+}
+
+/// P2, P3, I16, issue 13 item 8: during process exit, after a KVM-like subscriber's `release`
+/// returned but while `Mm::release` is still running (another subscriber's `release` is slow),
+/// an OOM-reaper-like non-blocking start is refused by a third subscriber. Linux keeps the
+/// KVM-like one on its list until everyone is unlinked, so under `Kernel` it gets its start and
+/// the refusal's end (balanced), under `Legacy` its start and no end (stuck at 1, Linux 4.19's
+/// bug); `Exact` skips it (no start, no end). Its counter is never negative.
+///
+/// Regression: `Kernel` skipped the released subscriber's start but still sent it the refusal's
+/// end, so the counter went to -1 (checked against the old engine: `min_seen` was -1 and
+/// `starts` 0).
+#[test]
+fn linux_policies_serve_a_released_subscriber_until_exit_unlinks_it() {
+    for policy in Policy::ALL {
+        let mm = Mm::with_policy(policy);
+        let kvm = Arc::new(KvmLike::default());
+        let (blocked_tx, blocked_rx) = mpsc::channel();
+        let (resume_tx, resume_rx) = mpsc::channel();
+        let gate = Arc::new(ExitGate {
+            kvm: Arc::clone(&kvm),
+            blocked: Mutex::new(Some(blocked_tx)),
+            resume: Mutex::new(Some(resume_rx)),
+        });
+        // A slow release on each side of the KVM-like subscriber: whatever the call order,
+        // one of them runs after the KVM-like release returned.
+        mm.register(Arc::new(SlowRelease(Arc::clone(&gate))))
+            .unwrap();
+        let kvm_id = mm.register(kvm.clone()).unwrap();
+        mm.register(Arc::new(SlowRelease2(Arc::clone(&gate))))
+            .unwrap();
+        mm.register(Arc::new(Refuser)).unwrap();
+
+        let exiting = mm.clone();
+        let exit = thread::spawn(move || exiting.release());
+        blocked_rx
+            .recv_timeout(HANG)
+            .expect("Mm::release reached the slow release after the KVM-like one");
+        assert!(kvm.released.load(SeqCst));
+
+        let reaper = mm.clone();
+        let refused = within_bound("a non-blocking start during exit", move || {
+            reaper
+                .invalidate_start_nonblock(range(0x1000, 0x2000), Event::Unmap)
+                .map(|_| ())
+        });
+        assert!(
+            matches!(refused, Err(Error::StartRefused { .. })),
+            "{policy}: {refused:?}"
+        );
+        let seen = (kvm.starts.load(SeqCst), kvm.ends.load(SeqCst));
+        let want = match policy {
+            Policy::Exact => (0, 0),
+            Policy::Kernel => (1, 1),
+            Policy::Legacy => (1, 0),
+            _ => unreachable!(),
+        };
+        assert_eq!(seen, want, "{policy}: the KVM-like (starts, ends)");
+        assert!(
+            kvm.min_seen.load(SeqCst) >= 0,
+            "{policy}: an end without a start drove the KVM-like counter negative"
+        );
+
+        resume_tx.send(()).unwrap();
+        exit.join().unwrap().unwrap();
+        let stats = mm.unregister(kvm_id).unwrap();
+        assert_eq!((stats.starts, stats.ends), want, "{policy}");
+    }
+}
+
+// --- item 9: dispatch order ------------------------------------------------------------------
+
+/// Logs its name at every callback, and refuses non-blocking starts if asked to.
+struct Named {
+    name: &'static str,
+    refuse: bool,
+    young: bool,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Named {
+    fn arc(name: &'static str, refuse: bool, log: &Arc<Mutex<Vec<String>>>) -> Arc<Named> {
+        Arc::new(Named {
+            name,
+            refuse,
+            young: false,
+            log: Arc::clone(log),
+        })
+    }
+    fn note(&self, what: &str) {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("{what} {}", self.name));
+    }
+}
+
+impl Subscriber for Named {
+    fn capabilities(&self) -> Capabilities {
+        let caps = Capabilities::new().with_start();
+        if self.refuse {
+            caps.may_refuse()
+        } else {
+            caps.with_end()
+        }
+    }
+    fn invalidate_range_start(&self, inv: &Invalidation) -> Result<(), Refused> {
+        self.note("start");
+        if self.refuse && !inv.is_blockable() {
+            Err(Refused)
+        } else {
+            Ok(())
+        }
+    }
+    fn invalidate_range_end(&self, _: &Invalidation) {
+        self.note("end");
+    }
+    fn test_young(&self, _: u64) -> bool {
+        self.note("young");
+        self.young
+    }
+    fn release(&self) {
+        self.note("release");
+    }
+}
+
+fn take(log: &Arc<Mutex<Vec<String>>>) -> Vec<String> {
+    std::mem::take(&mut *log.lock().unwrap())
+}
+
+fn strs(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// I3, P2, P3, issue 13 item 9: Linux adds subscribers with `hlist_add_head_rcu`, so it calls
+/// the newest first; `Kernel` and `Legacy` do the same for starts, ends, young walks and
+/// release, and list refusers in that order. `Exact` keeps registration order (documented in
+/// SEMANTICS I3).
+///
+/// Regression: every policy called in registration order (checked against the old engine:
+/// the `Kernel` starts came out as "start a, start b, start c").
+#[test]
+fn linux_policies_call_the_newest_subscriber_first() {
+    for policy in Policy::ALL {
+        let mm = Mm::with_policy(policy);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let a = mm.register(Named::arc("a", false, &log)).unwrap();
+        let b = mm.register(Named::arc("b", false, &log)).unwrap();
+        let young = Arc::new(Named {
+            name: "c",
+            refuse: false,
+            young: true,
+            log: Arc::clone(&log),
+        });
+        let c = mm.register(young).unwrap();
+        let (order, names) = if policy == Policy::Exact {
+            (vec![a, b, c], ["a", "b", "c"])
+        } else {
+            (vec![c, b, a], ["c", "b", "a"])
+        };
+        assert_eq!(mm.subscribers(), order, "{policy}");
+        mm.invalidate_start(range(0, 0x1000), Event::Unmap)
+            .unwrap()
+            .end();
+        let want: Vec<String> = names
+            .iter()
+            .map(|n| format!("start {n}"))
+            .chain(names.iter().map(|n| format!("end {n}")))
+            .collect();
+        assert_eq!(take(&log), want, "{policy}");
+        // test_young stops at the first young answer: c is young, so under the Linux
+        // policies it is the only one asked.
+        assert!(mm.test_young(0));
+        let want = if policy == Policy::Exact {
+            strs(&["young a", "young b", "young c"])
+        } else {
+            strs(&["young c"])
+        };
+        assert_eq!(take(&log), want, "{policy}");
+        mm.release().unwrap();
+        let want: Vec<String> = names.iter().map(|n| format!("release {n}")).collect();
+        assert_eq!(take(&log), want, "{policy}");
+    }
+}
+
+/// I3, I5, P2: the order decides what a refusal looks like. Under `Exact` (registration order)
+/// a subscriber registered before the refuser is started, then ended, and one registered after
+/// it is never called; under `Kernel` the refusers are named newest first.
+///
+/// Regression: `Kernel` named the refusers oldest first (checked against the old engine).
+#[test]
+fn call_order_decides_who_is_started_before_a_refuser() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mm = Mm::new();
+    mm.register(Named::arc("old", false, &log)).unwrap();
+    let r = mm.register(Named::arc("refuser", true, &log)).unwrap();
+    mm.register(Named::arc("new", false, &log)).unwrap();
+    let e = mm
+        .invalidate_start_nonblock(range(0, 0x1000), Event::Unmap)
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(
+        e,
+        Error::StartRefused {
+            range: range(0, 0x1000),
+            refusers: vec![mmnotify::Refuser::Classic(r)],
+        }
+    );
+    assert_eq!(take(&log), strs(&["start old", "start refuser", "end old"]));
+
+    let mm = Mm::with_policy(Policy::Kernel);
+    let r1 = mm.register(Named::arc("r1", true, &log)).unwrap();
+    let r2 = mm.register(Named::arc("r2", true, &log)).unwrap();
+    let e = mm
+        .invalidate_start_nonblock(range(0, 0x1000), Event::Unmap)
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(
+        e,
+        Error::StartRefused {
+            range: range(0, 0x1000),
+            refusers: vec![
+                mmnotify::Refuser::Classic(r2),
+                mmnotify::Refuser::Classic(r1)
+            ],
+        }
+    );
+    assert_eq!(take(&log), strs(&["start r2", "start r1"]));
 }
