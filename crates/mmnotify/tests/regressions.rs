@@ -695,7 +695,7 @@ fn strs(v: &[&str]) -> Vec<String> {
 /// SEMANTICS I3).
 ///
 /// Regression: every policy called in registration order (checked against the old engine:
-/// the `Kernel` starts came out as "start a, start b, start c").
+/// under `Kernel`, `subscribers()` and every walk came out oldest first).
 #[test]
 fn linux_policies_call_the_newest_subscriber_first() {
     for policy in Policy::ALL {
@@ -744,7 +744,8 @@ fn linux_policies_call_the_newest_subscriber_first() {
 /// a subscriber registered before the refuser is started, then ended, and one registered after
 /// it is never called; under `Kernel` the refusers are named newest first.
 ///
-/// Regression: `Kernel` named the refusers oldest first (checked against the old engine).
+/// Regression: `Kernel` named the refusers oldest first (checked against the old engine:
+/// `[r1, r2]`).
 #[test]
 fn call_order_decides_who_is_started_before_a_refuser() {
     let log = Arc::new(Mutex::new(Vec::new()));
