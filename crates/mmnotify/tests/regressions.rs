@@ -394,13 +394,16 @@ fn process_exit_skips_a_registration_put_to_zero_during_it() {
 
 // --- item 6: blocking from a subscriber's Drop at the end of a walk ----------------------------
 
+/// A blocking call made from a subscriber's `Drop`, and what it returned.
+type DropCall = (&'static str, Result<(), Error>);
+
 /// A get/put subscriber that puts itself from a young or TLB callback, so that the walk's
 /// snapshot holds the last reference; its `Drop` then calls a blocking method of the `Mm`.
 struct DropsAtWalkEnd {
     mm: Mutex<Option<Mm>>,
     id: Arc<OnceLock<mmnotify::SubscriberId>>,
     tlb: bool,
-    on_drop: Arc<Mutex<Vec<(&'static str, Result<(), Error>)>>>,
+    on_drop: Arc<Mutex<Vec<DropCall>>>,
 }
 
 impl DropsAtWalkEnd {
