@@ -778,10 +778,10 @@ impl Mm {
             range,
             Arc::clone(&self.inner.itree),
         ));
-        let entry = IntervalEntry {
+        let entry = Arc::new(IntervalEntry {
             node: Arc::clone(&node),
             subscriber,
-        };
+        });
         {
             // Under the registry lock, so that an insert cannot slip in after `release` sent
             // its Release invalidation.

@@ -73,8 +73,9 @@ use crate::sync::{Condvar, Mutex};
 /// How many overlapping intervals one invalidation collects without allocating.
 pub(crate) const INLINE_HITS: usize = 8;
 
-/// The intervals one start must call (each with its subscriber, cloned under the lock).
-pub(crate) type Hits = SmallVec<[IntervalEntry; INLINE_HITS]>;
+/// The intervals one start must call (their entries, cloned under the lock: one reference
+/// count per hit, as for a bare node).
+pub(crate) type Hits = SmallVec<[Arc<IntervalEntry>; INLINE_HITS]>;
 
 /// The per-address-space interval state.
 #[derive(Debug)]
@@ -95,9 +96,9 @@ struct ItreeState {
     seq: u64,
     active: usize,
     /// The inserted intervals; the only owner of their subscribers besides `pending_inserts`.
-    index: DefaultIndex<IntervalEntry>,
+    index: DefaultIndex<Arc<IntervalEntry>>,
     /// Inserts queued during an epoch (`PendingInsert`).
-    pending_inserts: Vec<IntervalEntry>,
+    pending_inserts: Vec<Arc<IntervalEntry>>,
     /// Indexed intervals whose removal is queued during an epoch (`PendingRemove`).
     pending_removes: Vec<Arc<IntervalNode>>,
 }
@@ -183,7 +184,7 @@ impl Itree {
         state
             .index
             .for_each_overlap(range.start(), range.last(), &mut |entry| {
-                hits.push(entry.clone())
+                hits.push(Arc::clone(entry))
             });
         if !hits.is_empty() {
             state.seq |= 1;
@@ -233,7 +234,7 @@ impl Itree {
 
     /// Adds an interval (the caller already made the state present). The entry is the
     /// engine's reference to the subscriber, owned by the state from now on.
-    pub(crate) fn insert(&self, entry: IntervalEntry) {
+    pub(crate) fn insert(&self, entry: Arc<IntervalEntry>) {
         let node = Arc::clone(&entry.node);
         let (start, last) = (node.start(), node.last());
         let mut state = self.state.lock();
