@@ -13,8 +13,10 @@
 //!  register / get_or_register          unregister / put-to-zero / Mm::release
 //!  ─────────────► Linked ─── release once ──► Released ── unlink ──► Unlinked ── last ref ──► freed
 //!                   │ receives starts,          invalidations that      no callback can     `free` runs
-//!                   │ ends, young, tlb          begin now skip it;      start any more      exactly once
-//!                   │ (also while release runs) ones under way finish
+//!                   │ ends, young, tlb          begin now skip it       start any more      exactly once
+//!                   │ (also while release runs) (Exact; Linux policies:
+//!                   │                           served until unlinked);
+//!                   │                           ones under way finish
 //! ```
 //!
 //! The subscriber stays linked and fully served *while* its `release` runs, as in Linux: a
@@ -153,12 +155,13 @@ pub trait Subscriber: Send + Sync + 'static {
     ///
     /// # When
     /// Exactly once per registration, from [`Mm::release`](crate::Mm::release) (process exit)
-    /// or [`Mm::unregister`], whichever comes first; never after `put` to zero. The
+    /// or [`Mm::unregister`], whichever comes first; never once the last `put` returned. The
     /// subscriber stays fully subscribed while `release` runs, so no invalidation is missed
-    /// before its mirror is gone. Invalidations that begin after `release` returned skip it;
-    /// one that was already under way may still deliver its start and end afterwards (Linux
-    /// gives no stronger promise). When `Mm::release` or `Mm::unregister` returns, nothing
-    /// more is delivered.
+    /// before its mirror is gone. Under [`Policy::Exact`](crate::Policy::Exact), invalidations
+    /// that begin after `release` returned skip it; one that was already under way may still
+    /// deliver its start and end afterwards (Linux gives no stronger promise). Under the Linux
+    /// policies it is served, as in Linux, until process exit unlinks every subscriber. When
+    /// `Mm::release` or `Mm::unregister` returns, nothing more is delivered.
     ///
     /// # Context
     /// May sleep. May run concurrently with other callbacks of this subscriber.
@@ -365,8 +368,8 @@ impl Registration {
         }
     }
 
-    /// Whether new starts (and young/tlb walks) must skip this registration: its `release`
-    /// has returned.
+    /// Whether this registration's `release` has returned (under `Exact`, new starts and
+    /// young/tlb walks then skip it).
     pub(crate) fn is_released(&self) -> bool {
         // Acquire: pairs with the Release store in `release`; a start that sees the flag also
         // sees everything the release callback did.

@@ -17,7 +17,8 @@
 //! # What the end does
 //!
 //! Closes the epoch first (`A -= 1`), then delivers `invalidate_range_end` to exactly the
-//! subscribers in the started bitmap, in registration order, then leaves the read section.
+//! subscribers in the started bitmap, in call order (the snapshot's, see `policy.rs`), then leaves
+//! the read section.
 //! [`InvalidateGuard::end`] and dropping the guard do the same thing; `end` reads better at the
 //! call site, and drop makes a forgotten end, an early `?` return or a panic harmless.
 //!
