@@ -55,6 +55,7 @@
 
 use std::marker::PhantomData;
 
+use crate::context::{Scope, ScopeKind};
 use crate::sync::atomic::{fence, AtomicUsize, Ordering};
 use crate::sync::{Condvar, Mutex};
 
@@ -66,6 +67,9 @@ use crate::sync::{Condvar, Mutex};
 /// and changes only under `gp`.
 #[derive(Debug)]
 pub(crate) struct Srcu {
+    /// The owning `Mm`'s id, under which read sections are marked in the thread's context
+    /// record.
+    mm_id: u64,
     index: AtomicUsize,
     readers: [AtomicUsize; 2],
     waiters: AtomicUsize,
@@ -75,8 +79,9 @@ pub(crate) struct Srcu {
 }
 
 impl Srcu {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(mm_id: u64) -> Self {
         Srcu {
+            mm_id,
             index: AtomicUsize::new(0),
             readers: [AtomicUsize::new(0), AtomicUsize::new(0)],
             waiters: AtomicUsize::new(0),
@@ -86,8 +91,13 @@ impl Srcu {
         }
     }
 
-    /// Enters a read section. Never blocks.
-    pub(crate) fn read_lock(&self) -> SrcuReadGuard<'_> {
+    /// Enters a read section of the given kind (a guard or a walk). Never blocks.
+    ///
+    /// The thread is marked in its context record first, so that the deadlock check sees
+    /// every read section, for as long as it lasts (see `context.rs`).
+    pub(crate) fn read_lock(&self, kind: ScopeKind) -> SrcuReadGuard<'_> {
+        debug_assert!(!matches!(kind, ScopeKind::Callback { .. }));
+        let scope = Scope::enter(self.mm_id, kind);
         loop {
             // Relaxed: this load only picks the counter to increment; nothing is read on the
             // strength of it. The section is entered only through the re-load below, which
@@ -112,6 +122,7 @@ impl Srcu {
                 return SrcuReadGuard {
                     srcu: self,
                     index: i,
+                    _scope: scope,
                     _not_send: PhantomData,
                 };
             }
@@ -160,13 +171,16 @@ impl Srcu {
 ///
 /// # Invariants
 ///
-/// The guard accounts for one unit of `srcu.readers[index]`. It is `!Send`: read sections are
-/// recorded per thread by the deadlock checks.
+/// The guard accounts for one unit of `srcu.readers[index]`, and its `_scope` marks the
+/// thread for the whole section: entered before the section began, left (as a field, after
+/// `drop` ran) after it ended. It is `!Send`: read sections are recorded per thread by the
+/// deadlock checks.
 #[must_use = "the read section ends as soon as the guard is dropped"]
 #[derive(Debug)]
 pub(crate) struct SrcuReadGuard<'a> {
     srcu: &'a Srcu,
     index: usize,
+    _scope: Scope,
     _not_send: PhantomData<*const ()>,
 }
 

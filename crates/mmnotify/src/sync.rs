@@ -30,7 +30,7 @@ pub(crate) use loom::thread_local;
 #[cfg(not(loom))]
 pub(crate) use std::thread_local;
 
-use std::sync::PoisonError;
+use std::sync::{PoisonError, TryLockError};
 
 /// Whether an engine destructor must leave the concurrency backend alone because the thread is
 /// unwinding out of a failed loom execution. Always `false` outside loom.
@@ -64,6 +64,15 @@ impl<T> Mutex<T> {
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes the lock if it is free; `None` if another holder (this thread included) has it.
+    pub(crate) fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+        match self.0.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
     }
 }
 
