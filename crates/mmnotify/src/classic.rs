@@ -155,7 +155,9 @@ pub trait Subscriber: Send + Sync + 'static {
     ///
     /// # When
     /// Exactly once per registration, from [`Mm::release`](crate::Mm::release) (process exit)
-    /// or [`Mm::unregister`], whichever comes first; never once the last `put` returned. The
+    /// or [`Mm::unregister`], whichever comes first; never if the last `put` came first (a
+    /// release already under way when that `put` ran still completes, since `put` never
+    /// blocks: drop your mirror in `release` and before the last `put` alike). The
     /// subscriber stays fully subscribed while `release` runs, so no invalidation is missed
     /// before its mirror is gone. Under [`Policy::Exact`](crate::Policy::Exact), invalidations
     /// that begin after `release` returned skip it; one that was already under way may still
@@ -432,10 +434,16 @@ impl Registration {
     /// A `put` to zero: from now on `release` is never called for this registration (Linux's
     /// users drop their mirror themselves before the last put). Never blocks: if a `release`
     /// is running right now (by `Mm::release` on another thread, or this very thread's
-    /// `release` callback calling `put`), it simply finishes; it did not begin after the put.
-    pub(crate) fn forgo_release(&self) {
-        if let Some(mut released) = self.release_once.try_lock() {
-            *released = true;
+    /// `release` callback calling `put`), it simply finishes: it was claimed before the put,
+    /// although its callback may only begin after the put returned. Returns whether the
+    /// release was forgone (or had already run), i.e. no callback can begin any more.
+    pub(crate) fn forgo_release(&self) -> bool {
+        match self.release_once.try_lock() {
+            Some(mut released) => {
+                *released = true;
+                true
+            }
+            None => false,
         }
     }
 }

@@ -518,6 +518,14 @@ impl Mm {
     /// [`Error::NotRegistered`], or [`Error::NotShared`] for an id from
     /// [`register`](Self::register).
     pub fn put(&self, id: SubscriberId) -> Result<()> {
+        self.put_reporting(id).map(|_| ())
+    }
+
+    /// [`put`](Self::put), telling whether a `release` may still *begin* after it returns: only
+    /// when `Mm::release` or `unregister` had claimed this registration's release before the
+    /// put reached zero (`put` never blocks, so it does not wait for that claimed callback to
+    /// start or finish). The loom models check I14 with it.
+    pub(crate) fn put_reporting(&self, id: SubscriberId) -> Result<ReleaseAfterPut> {
         let mut retired = Retired::default();
         let mut registry = self.inner.registry.lock();
         let current = self.inner.current();
@@ -528,7 +536,8 @@ impl Mm {
                 if *uses == 0 {
                     registry.shared.remove(&key);
                 }
-                return Ok(());
+                // `Mm::release` unlinks a registration only after its release returned.
+                return Ok(ReleaseAfterPut::Impossible);
             }
             if registry.exited.iter().any(|(e, _)| *e == id) {
                 return Err(Error::NotShared { id });
@@ -543,13 +552,16 @@ impl Mm {
             .get_mut(&key)
             .expect("a keyed registration has a use count");
         entry.1 -= 1;
+        let mut outcome = ReleaseAfterPut::Impossible;
         if entry.1 == 0 {
             registry.shared.remove(&key);
-            current.subs[index].forgo_release();
+            if !current.subs[index].forgo_release() {
+                outcome = ReleaseAfterPut::AlreadyClaimed;
+            }
             self.inner.unlink(id, &mut retired);
             tracing::debug!(target: "mmnotify", mm = self.inner.id, subscriber = id.0, "put to zero; unlinked");
         }
-        Ok(())
+        Ok(outcome)
     }
 
     /// Waits until every subscriber that was unlinked (by `put`, `unregister` or `release`)
@@ -834,4 +846,15 @@ impl Mm {
     pub fn interval_state(&self) -> IntervalState {
         self.inner.itree.state()
     }
+}
+
+/// Whether a `release` callback may still begin after a [`Mm::put`] returned (I14).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReleaseAfterPut {
+    /// No `release` of this registration begins after the put returned: it was forgone, or
+    /// it had already run.
+    Impossible,
+    /// `Mm::release` or `unregister` had claimed the release before the put reached zero; the
+    /// callback runs (or is running) and may begin after the put returned.
+    AlreadyClaimed,
 }

@@ -117,9 +117,10 @@ fn refusal_racing_unregister_under(policy: Policy) {
                     "P2: the start after the refuser is called, and every subscriber with an \
                      end is ended"
                 );
-                assert!(
-                    victim_ends >= victim_starts,
-                    "P2: a started subscriber is ended after a refusal"
+                assert_eq!(
+                    victim_ends, victim_starts,
+                    "P2: a started subscriber is ended after a refusal, and nobody is ended \
+                     without a start (Linux serves a released subscriber until it is unlinked)"
                 );
             }
             Policy::Legacy => {
@@ -152,11 +153,9 @@ fn refusal_racing_unregister_under(policy: Policy) {
 /// an end is ended (the started victim included, before its `unregister` returns), and
 /// nothing reaches the victim after its `unregister` returned.
 ///
-/// Not pinned down here: when the window reaches the victim after its `release` returned but
-/// before it was unlinked, its start is skipped and `Kernel` still sends it an end (an end
-/// without a start), where Linux, which has no such skip, would have started it too. That is
-/// the engine difference issue 13 item 8 is about, for `Mm::release`; the model records the
-/// outcome and lets either answer pass.
+/// When the window reaches the victim after its `release` returned but before it was
+/// unlinked, `Kernel` starts it and ends it, as Linux does (issue 13 item 8): an end without a
+/// start fails the model.
 ///
 /// Shown to fail: with `continue_after_refusal` false for `Kernel`, loom reports "P2: the start
 /// after the refuser is called, and every subscriber with an end is ended"; with the

@@ -40,7 +40,7 @@ fn loom_srcu_reader_straddles_flips_of_two_writers() {
     let seen = Seen::new();
     let record = seen.clone();
     model(move || {
-        let srcu = Arc::new(Srcu::new());
+        let srcu = Arc::new(Srcu::new(1));
         let published = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
         let returned = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
         let writers: Vec<_> = (0..2)
@@ -58,7 +58,7 @@ fn loom_srcu_reader_straddles_flips_of_two_writers() {
 
         let mut returned_inside = 0;
         {
-            let _section = srcu.read_lock();
+            let _section = srcu.read_lock(crate::context::ScopeKind::Guard);
             for k in 0..2 {
                 if returned[k].load(Relaxed) == 1 {
                     returned_inside += 1;
