@@ -134,6 +134,10 @@ pub struct WatcherStats {
     pub overflows: u64,
     /// Subscriber callbacks that panicked on the dispatcher (each caught; the watcher goes on).
     pub callback_panics: u64,
+    /// REMOVE invalidations ended without the zap having been seen, at the
+    /// `remove_settle` bound (or with no page to probe): only these can leave the residual
+    /// window of U4 (docs/SEMANTICS.md §9). Every MADV_FREE of present pages counts here.
+    pub removes_unconfirmed: u64,
 }
 
 #[derive(Default)]
@@ -145,6 +149,7 @@ pub(crate) struct Counters {
     pub(crate) others: AtomicU64,
     pub(crate) invalidations: AtomicU64,
     pub(crate) callback_panics: AtomicU64,
+    pub(crate) removes_unconfirmed: AtomicU64,
 }
 
 /// A fault to inject (feature `fault-injection`, tests only).
@@ -345,6 +350,7 @@ impl Watcher {
             invalidations: c.invalidations.load(Ordering::Relaxed),
             overflows: self.core().handoff.overflows(),
             callback_panics: c.callback_panics.load(Ordering::Relaxed),
+            removes_unconfirmed: c.removes_unconfirmed.load(Ordering::Relaxed),
         }
     }
 
