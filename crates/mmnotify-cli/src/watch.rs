@@ -421,9 +421,9 @@ enum Claim {
 impl Claim {
     fn label(self) -> &'static str {
         match self {
-            Claim::Uffd => "uffd event",
+            Claim::Uffd => "uffd-event",
             Claim::Wrapper => "wrapper",
-            Claim::BlindSpot => "blind spot",
+            Claim::BlindSpot => "blind-spot",
         }
     }
 }
