@@ -736,9 +736,22 @@ fn reader_main(core: Arc<Core>, ready: std::sync::mpsc::Sender<()>) {
             // Open the batch *before* reading: an unmapper released by this read can only
             // return after the increment is visible (U2).
             let batch = core.gate.open_batch();
+            let mut first = true;
             loop {
                 match sys::read_msgs(uffd, &mut buf) {
-                    Ok(0) => break,
+                    Ok(0) => {
+                        // Readable but nothing to read: a userfaultfd answers EAGAIN (0 here)
+                        // only after a race with another reader; a number that now names
+                        // another file (end of file at once, e.g. /dev/null) is caught here
+                        // rather than spinning.
+                        if first && sys::identity(uffd).ok() != Some(core.identity) {
+                            core.handoff.push(Item::End(batch));
+                            exit.ours = false;
+                            exit.reason = Some(FailReason::UffdLost);
+                            return;
+                        }
+                        break;
+                    }
                     Ok(n) => {
                         for chunk in buf[..n].chunks_exact(sys::MSG_SIZE) {
                             let mut m = [0u8; sys::MSG_SIZE];
@@ -752,6 +765,7 @@ fn reader_main(core: Arc<Core>, ready: std::sync::mpsc::Sender<()>) {
                             core.count(&msg);
                             core.handoff.push(Item::Msg(msg));
                         }
+                        first = false;
                         if n < buf.len() {
                             break;
                         }

@@ -46,7 +46,20 @@ struct Counts {
 fn run(w: &Watcher, duration: Duration, gated: bool) -> Counts {
     let ps = ps();
     let len = PAGES * ps;
-    let base = map_anon(PAGES) as u64;
+    // Guard pages around the region keep its hole exactly PAGES long while it is unmapped,
+    // so that other mappings of the process (allocator chunks) do not land in it.
+    const GUARD: usize = 16;
+    let reservation = map_anon(PAGES + 2 * GUARD);
+    // SAFETY: the guards are ours; nothing is read or written there.
+    unsafe {
+        libc::mprotect(reservation as *mut c_void, GUARD * ps, libc::PROT_NONE);
+        libc::mprotect(
+            reservation.add((GUARD + PAGES) * ps) as *mut c_void,
+            GUARD * ps,
+            libc::PROT_NONE,
+        );
+    }
+    let base = reservation as u64 + (GUARD * ps) as u64;
     let report = w.watch(base, len as u64).unwrap();
     assert!(report.is_complete());
     let mirror = Arc::new(Mirror::default());
@@ -56,7 +69,11 @@ fn run(w: &Watcher, duration: Duration, gated: bool) -> Counts {
     let completed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
 
+    // The filler must be fully started before the first unmap: a starting thread maps its
+    // signal stack, which would land in the region's hole.
+    let ready = Arc::new(std::sync::Barrier::new(2));
     let filler = {
+        let ready = ready.clone();
         let (mirror, iv, started, completed, stop) = (
             mirror.clone(),
             iv.clone(),
@@ -66,6 +83,7 @@ fn run(w: &Watcher, duration: Duration, gated: bool) -> Counts {
         );
         std::thread::spawn(move || {
             let mut c = Counts::default();
+            ready.wait();
             while !stop.load(Ordering::Relaxed) {
                 let seq = iv.read_begin().expect("read_begin");
                 let c_begin = started.load(Ordering::SeqCst);
@@ -105,6 +123,7 @@ fn run(w: &Watcher, duration: Duration, gated: bool) -> Counts {
         })
     };
 
+    ready.wait();
     let mut ops = 0u64;
     let mut incoherent = 0u64;
     let deadline = Instant::now() + duration;
@@ -126,10 +145,17 @@ fn run(w: &Watcher, duration: Duration, gated: bool) -> Counts {
                     0,
                 )
             };
-            assert_eq!(
-                p as u64, base,
-                "the freed address was taken by someone else"
-            );
+            if p as u64 != base {
+                // Another mapping of the process landed in the hole: the run ends here.
+                let err = std::io::Error::last_os_error();
+                let vmas = mmnotify_uffd::maps::read_self_maps().unwrap();
+                let there: Vec<_> =
+                    mmnotify_uffd::maps::overlapping(&vmas, base, base + len as u64);
+                eprintln!(
+                    "MAP_FIXED_NOREPLACE failed after {ops} ops ({err}); now there: {there:?}"
+                );
+                break;
+            }
         } else {
             // MAP_FIXED over the live memory.
             started.fetch_add(1, Ordering::SeqCst);
@@ -164,8 +190,8 @@ fn run(w: &Watcher, duration: Duration, gated: bool) -> Counts {
     c.ops = ops;
     c.incoherent_after_delivery = incoherent;
     w.remove_interval(&iv).unwrap();
-    // SAFETY: the test owns the region.
-    unsafe { libc::munmap(base as *mut c_void, len) };
+    // SAFETY: the test owns the reservation (a region already unmapped is not an error).
+    unsafe { libc::munmap(reservation as *mut c_void, (PAGES + 2 * GUARD) * ps) };
     c
 }
 

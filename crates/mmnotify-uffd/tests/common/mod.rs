@@ -202,7 +202,10 @@ pub fn within<T: Send + 'static>(
     });
     match rx.recv_timeout(limit) {
         Ok(v) => v,
-        Err(_) => panic!("{what} did not finish within {limit:?}: deadlock"),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what} did not finish within {limit:?}: deadlock")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("{what} panicked"),
     }
 }
 
@@ -211,7 +214,8 @@ pub fn role() -> Option<String> {
     std::env::var("MMNOTIFY_UFFD_ROLE").ok()
 }
 
-/// Re-runs this test binary as a child that runs only `test` with `MMNOTIFY_UFFD_ROLE=role`;
+/// Re-runs this test binary as a child that runs only the (ignored) entry point `test` with
+/// `MMNOTIFY_UFFD_ROLE=role`;
 /// returns (success, combined output). Fails the test if it runs past `limit`.
 pub fn run_child(
     test: &str,
@@ -222,10 +226,16 @@ pub fn run_child(
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().unwrap();
     let mut cmd = Command::new(exe);
-    cmd.args([test, "--exact", "--nocapture", "--test-threads=1"])
-        .env("MMNOTIFY_UFFD_ROLE", role)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
+    cmd.args([
+        test,
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("MMNOTIFY_UFFD_ROLE", role)
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
     if pre_exec_drop_to_nobody {
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
