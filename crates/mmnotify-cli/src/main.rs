@@ -20,6 +20,8 @@ mod torture;
 mod trace;
 #[cfg(target_os = "linux")]
 mod watch;
+#[cfg(target_os = "linux")]
+mod watch_bench;
 
 /// MMU notifiers for userspace: demos and measurements of the mmnotify engine.
 #[derive(Debug, Parser)]
