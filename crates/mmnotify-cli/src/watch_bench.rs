@@ -23,12 +23,18 @@
 //!   [`Watcher`], whose engine `Mm` holds 0 interval subscriptions, 1 (covering the memory), or
 //!   1000 (each over its own piece of memory-sized address range, one of which the call hits).
 //!
-//! A VMA belongs to one userfaultfd, so the bare reader's memory is never the watcher's: each
-//! variant maps its own memory. The variants run in alternating rounds, so that a burst of
-//! load from another process falls on all of them alike, and each figure is the **median** of
-//! its per-call times (a call that blocks on another thread cannot use the low-percentile rule
-//! of the engine figures: the fast calls would be those where the reader happened to be
-//! running already).
+//! A VMA belongs to one userfaultfd, so the bare readers' memory is never the watcher's: each
+//! variant maps its own memory. The watcher's `Mm` cannot hold 0 and 1000 subscriptions at
+//! once, so each watched variant runs in rounds of its own, *paired* with the three baselines:
+//! call by call, in rotating order (unwatched, bare, bare-poll, watched-N, then starting one
+//! further), in chunks of [`CHUNK`] calls on fresh memory. A burst of load from another process
+//! then falls on all four alike, and a watched figure's ratio is taken against the bare
+//! reader's median *from the same rounds*. Each figure is the **median** of its per-call
+//! times: a call that blocks until another thread reads cannot use the low-percentile rule of
+//! the engine figures (the fastest calls would be those where the reader happened to be on a
+//! CPU already). After a watched call the benchmark waits, untimed, until the watcher has
+//! delivered it, so that no call starts while the dispatcher is still busy with the previous
+//! one.
 //!
 //! **Latency** is measured on `watched-1` (call entry → the subscriber's callback, which runs
 //! on the watcher's dispatching thread) and on the bare reader (call entry → its `read`
@@ -53,8 +59,8 @@ use rustix::mm::UserfaultfdFlags;
 pub(crate) const PIECE_PAGES: u64 = 4;
 /// Interval subscriptions of the largest variant.
 const MANY: usize = 1000;
-/// Rounds the calls of each variant are split into (variants alternate between rounds).
-const ROUNDS: usize = 5;
+/// Calls per lane before its memory is replaced.
+const CHUNK: usize = 50;
 /// The target: watched calls at most this many times the bare reader's.
 const TARGET: f64 = 1.1;
 
@@ -278,26 +284,6 @@ enum Variant {
     Watched(usize),
 }
 
-const VARIANTS: [Variant; 6] = [
-    Variant::Unwatched,
-    Variant::Bare,
-    Variant::BarePoll,
-    Variant::Watched(0),
-    Variant::Watched(1),
-    Variant::Watched(MANY),
-];
-
-impl Variant {
-    fn id(self) -> String {
-        match self {
-            Variant::Unwatched => "unwatched".into(),
-            Variant::Bare => "bare-reader".into(),
-            Variant::BarePoll => "bare-poll-reader".into(),
-            Variant::Watched(n) => format!("watched-{n}"),
-        }
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Call {
     Munmap,
@@ -330,6 +316,8 @@ impl Call {
 struct Samples {
     cost: Vec<u64>,
     latency: Vec<u64>,
+    /// A baseline's latencies from the rounds it shared with watched-1.
+    latency_paired: Vec<u64>,
 }
 
 /// What a round needs to reach the memory's observer.
@@ -399,14 +387,16 @@ fn settle(o: &Observers<'_>, variant: Variant, t0: u64) -> Result<Option<u64>, S
     }
 }
 
-/// One round of `calls` calls of `call` under `variant`, appended to `s`.
-fn round(
-    o: &Observers<'_>,
-    call: Call,
+/// One variant's memory in a chunk: `pieces` pieces from `base`, observed as the variant says.
+struct Lane {
     variant: Variant,
-    calls: usize,
-    s: &mut Samples,
-) -> Result<(), String> {
+    base: u64,
+    pieces: u64,
+    intervals: Vec<WatchedInterval>,
+}
+
+/// Maps, populates and observes the memory for `calls` calls of `call` under `variant`.
+fn lane(o: &Observers<'_>, call: Call, variant: Variant, calls: usize) -> Result<Lane, String> {
     let pl = piece_len();
     // munmap and mremap consume one piece per call; madvise reuses one.
     let pieces = if call == Call::Madvise {
@@ -415,71 +405,151 @@ fn round(
         calls as u64
     };
     let base = map_populated(pieces * pl)?;
-    let intervals = match observe(o, variant, base, pieces * pl) {
-        Ok(iv) => iv,
+    match observe(o, variant, base, pieces * pl) {
+        Ok(intervals) => Ok(Lane {
+            variant,
+            base,
+            pieces,
+            intervals,
+        }),
         Err(e) => {
             unmap(base, pieces * pl);
-            return Err(e);
-        }
-    };
-    let mut result = Ok(());
-    for i in 0..calls as u64 {
-        let piece = base + if call == Call::Madvise { 0 } else { i * pl };
-        let target = match call {
-            Call::Mremap => map_populated(pl)?,
-            Call::Madvise => {
-                populate(piece, pl)?;
-                0
-            }
-            Call::Munmap => 0,
-        };
-        o.first.reset();
-        let t0 = now_ns();
-        let rc = match call {
-            // SAFETY: the benchmark's own piece, not referenced.
-            Call::Munmap => unsafe { libc::munmap(piece as *mut c_void, pl as usize) },
-            // SAFETY: the benchmark's own piece; its contents become zero, nobody reads them.
-            Call::Madvise => unsafe {
-                libc::madvise(piece as *mut c_void, pl as usize, libc::MADV_DONTNEED)
-            },
-            // SAFETY: moves the benchmark's own piece over its own, just mapped target.
-            Call::Mremap => unsafe {
-                let p = libc::mremap(
-                    piece as *mut c_void,
-                    pl as usize,
-                    pl as usize,
-                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                    target as *mut c_void,
-                );
-                if p == libc::MAP_FAILED {
-                    -1
-                } else {
-                    0
-                }
-            },
-        };
-        let t1 = now_ns();
-        if rc != 0 {
-            result = Err(os_err(call.id()));
-            break;
-        }
-        s.cost.push(t1 - t0);
-        if let Some(l) = settle(o, variant, t0)? {
-            s.latency.push(l);
-        }
-        if call == Call::Mremap {
-            unmap(target, pl);
+            Err(e)
         }
     }
-    for iv in &intervals {
+}
+
+/// Removes the lane's subscriptions and unmaps what is left of its memory (nothing, after
+/// every munmap or mremap call ran).
+fn close_lane(o: &Observers<'_>, call: Call, lane: &Lane, done: usize) {
+    for iv in &lane.intervals {
         let _ = o.watcher.remove_interval(iv);
     }
+    let pl = piece_len();
     if call == Call::Madvise {
-        unmap(base, pl);
-    } else if result.is_err() {
-        unmap(base, pieces * pl);
+        unmap(lane.base, pl);
+    } else if (done as u64) < lane.pieces {
+        unmap(
+            lane.base + done as u64 * pl,
+            (lane.pieces - done as u64) * pl,
+        );
     }
-    result
+}
+
+/// The `i`-th timed call of `call` on `lane`, appended to `s`.
+fn one_call(
+    o: &Observers<'_>,
+    call: Call,
+    lane: &Lane,
+    i: usize,
+    s: &mut Samples,
+) -> Result<(), String> {
+    let pl = piece_len();
+    let piece = lane.base
+        + if call == Call::Madvise {
+            0
+        } else {
+            i as u64 * pl
+        };
+    let target = match call {
+        Call::Mremap => map_populated(pl)?,
+        Call::Madvise => {
+            populate(piece, pl)?;
+            0
+        }
+        Call::Munmap => 0,
+    };
+    o.first.reset();
+    let t0 = now_ns();
+    let rc = match call {
+        // SAFETY: the benchmark's own piece, not referenced.
+        Call::Munmap => unsafe { libc::munmap(piece as *mut c_void, pl as usize) },
+        // SAFETY: the benchmark's own piece; its contents become zero, nobody reads them.
+        Call::Madvise => unsafe {
+            libc::madvise(piece as *mut c_void, pl as usize, libc::MADV_DONTNEED)
+        },
+        // SAFETY: moves the benchmark's own piece over its own, just mapped target.
+        Call::Mremap => unsafe {
+            let p = libc::mremap(
+                piece as *mut c_void,
+                pl as usize,
+                pl as usize,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                target as *mut c_void,
+            );
+            if p == libc::MAP_FAILED {
+                -1
+            } else {
+                0
+            }
+        },
+    };
+    let t1 = now_ns();
+    if rc != 0 {
+        return Err(os_err(call.id()));
+    }
+    s.cost.push(t1 - t0);
+    if let Some(l) = settle(o, lane.variant, t0)? {
+        s.latency.push(l);
+    }
+    if call == Call::Mremap {
+        unmap(target, pl);
+    }
+    Ok(())
+}
+
+/// The baselines and one watched variant, call by call in rotating order: `calls` calls of
+/// each, in chunks of at most [`CHUNK`] (fresh memory per chunk). Returns the samples of
+/// unwatched, bare, bare-poll and watched, in that order.
+fn paired(
+    o: &Observers<'_>,
+    call: Call,
+    watched: Variant,
+    calls: usize,
+) -> Result<[Samples; 4], String> {
+    let variants = [
+        Variant::Unwatched,
+        Variant::Bare,
+        Variant::BarePoll,
+        watched,
+    ];
+    let mut samples: [Samples; 4] = Default::default();
+    let mut left = calls;
+    while left > 0 {
+        let n = left.min(CHUNK);
+        left -= n;
+        let mut lanes = Vec::with_capacity(4);
+        for v in variants {
+            match lane(o, call, v, n) {
+                Ok(l) => lanes.push(l),
+                Err(e) => {
+                    for l in &lanes {
+                        close_lane(o, call, l, 0);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let mut result = Ok(());
+        let mut done = 0;
+        'calls: for i in 0..n {
+            for k in 0..lanes.len() {
+                let j = (i + k) % lanes.len();
+                if let Err(e) = one_call(o, call, &lanes[j], i, &mut samples[j]) {
+                    result = Err(e);
+                    break 'calls;
+                }
+            }
+            done = i + 1;
+        }
+        for l in &lanes {
+            // After a failure some lanes ran call `done`, some did not: unmapping from `done`
+            // on frees what is left (a piece already gone is no error).
+            close_lane(o, call, l, done);
+        }
+        result?;
+    }
+    Ok(samples)
 }
 
 fn median(v: &mut [u64]) -> f64 {
@@ -523,8 +593,7 @@ fn row(id: String, figure: String, value: f64, baseline: Option<(&str, f64)>) ->
 ///
 /// A message when there is no watcher (no userfaultfd) or a call fails.
 pub(crate) fn run(config: &Config, log: &mut dyn FnMut(&str)) -> Result<WatchGroup, String> {
-    let calls: usize = if config.quick { 150 } else { 1000 };
-    let per_round = calls.div_ceil(ROUNDS);
+    let calls: usize = if config.quick { 100 } else { 1000 };
     now_ns();
     let watcher = Watcher::get().map_err(|e| format!("no watcher for this process: {e}"))?;
     let features = watcher.features().enabled & !u64::from(uapi::UFFD_FEATURE_EVENT_FORK);
@@ -541,18 +610,31 @@ pub(crate) fn run(config: &Config, log: &mut dyn FnMut(&str)) -> Result<WatchGro
     let mut ratios = Vec::new();
     for call in CALLS {
         log(&format!(
-            "watch: {} of {PIECE_PAGES} pages, {} calls per variant",
-            call.what(),
-            per_round * ROUNDS
+            "watch: {} of {PIECE_PAGES} pages, {calls} calls per variant",
+            call.what()
         ));
-        let mut samples: Vec<Samples> = VARIANTS.iter().map(|_| Samples::default()).collect();
-        for _ in 0..ROUNDS {
-            for (v, s) in VARIANTS.iter().zip(samples.iter_mut()) {
-                round(&o, call, *v, per_round, s)?;
+        let mut base = [Samples::default(), Samples::default(), Samples::default()];
+        let mut watched = Vec::new();
+        for n in [0, 1, MANY] {
+            let [u, b, p, w] = paired(&o, call, Variant::Watched(n), calls)?;
+            // The watched figure's yardstick: the bare reader in the same rounds, call by call.
+            let same_rounds = median(&mut b.cost.clone());
+            for (all, mut one) in base.iter_mut().zip([u, b, p]) {
+                if n == 1 {
+                    // The latency baseline: the bare reader in the same rounds as watched-1.
+                    all.latency_paired = one.latency.clone();
+                }
+                all.cost.append(&mut one.cost);
+                all.latency.append(&mut one.latency);
             }
+            watched.push((n, w, same_rounds));
         }
-        let cost: Vec<f64> = samples.iter_mut().map(|s| median(&mut s.cost)).collect();
-        let (unwatched, bare_cost) = (cost[0], cost[1]);
+        let [u, b, p] = &mut base;
+        let (unwatched, bare_cost, poll_cost) = (
+            median(&mut u.cost),
+            median(&mut b.cost),
+            median(&mut p.cost),
+        );
         rows.push(row(
             format!("w/{}/unwatched", call.id()),
             format!(
@@ -577,31 +659,31 @@ pub(crate) fn run(config: &Config, log: &mut dyn FnMut(&str)) -> Result<WatchGro
                 "{}, memory registered with a bare uffd reader that polls, then reads",
                 call.what()
             ),
-            cost[2],
+            poll_cost,
             Some(("bare uffd reader", bare_cost)),
         ));
-        for (i, v) in VARIANTS.iter().enumerate().skip(3) {
-            let Variant::Watched(n) = v else { continue };
+        for (n, w, same_rounds) in &mut watched {
+            let c = median(&mut w.cost);
             rows.push(row(
-                format!("w/{}/{}", call.id(), v.id()),
+                format!("w/{}/watched-{n}", call.id()),
                 format!(
                     "{}, watched memory, {n} interval subscription{}",
                     call.what(),
                     if *n == 1 { "" } else { "s" }
                 ),
-                cost[i],
-                Some(("bare uffd reader", bare_cost)),
+                c,
+                Some(("bare uffd reader, same rounds", *same_rounds)),
             ));
-            ratios.push((call, *n, cost[i] / bare_cost));
+            ratios.push((call, *n, c / *same_rounds));
         }
-        let bare_lat = &mut samples[1].latency;
+        let bare_lat = &mut b.latency_paired;
         let (bare_med, bare_p99) = (median(bare_lat), percentile(bare_lat, 0.99));
-        let lat = &mut samples[4].latency;
+        let lat = &mut watched[1].1.latency;
         let (med, p99) = (median(lat), percentile(lat, 0.99));
         rows.push(row(
             format!("w/{}/latency-median", call.id()),
             format!(
-                "{}: call entry -> subscriber callback, median of {}",
+                "{}: call entry -> subscriber callback (watched-1), median of {}",
                 call.what(),
                 lat.len()
             ),
@@ -610,7 +692,10 @@ pub(crate) fn run(config: &Config, log: &mut dyn FnMut(&str)) -> Result<WatchGro
         ));
         rows.push(row(
             format!("w/{}/latency-p99", call.id()),
-            format!("{}: call entry -> subscriber callback, p99", call.what()),
+            format!(
+                "{}: call entry -> subscriber callback (watched-1), p99",
+                call.what()
+            ),
             p99,
             Some(("bare reader: entry -> read", bare_p99)),
         ));
