@@ -483,7 +483,7 @@ const PATHS: &[Path] = &[
     Path {
         name: "mremap-move",
         claim: Claim::Uffd,
-        what: "mremap(MAYMOVE|FIXED) of 4 pages to a free spot",
+        what: "mremap(MAYMOVE|FIXED) of 4 pages onto a PROT_NONE reservation elsewhere",
         run: mremap_move,
     },
     Path {
@@ -731,29 +731,41 @@ fn ftruncate_wrapped(w: &Watcher, keep: bool) -> Outcome {
 }
 
 fn mremap_move(w: &Watcher, keep: bool) -> Outcome {
-    // A free spot: reserve 8 pages and give them back.
-    let spot = match map_anon(8) {
-        Ok(s) => s,
-        Err(o) => return o,
-    };
-    // SAFETY: the demo's own reservation.
-    unsafe { libc::munmap(spot as *mut c_void, (8 * ps()) as usize) };
-    let target = spot + 2 * ps();
     let moved = std::cell::Cell::new(None);
     let outcome = on_anon(w, keep, 4, (0, 4), |r| {
+        // The destination: a PROT_NONE reservation of the demo's own, placed by the kernel
+        // (so it cannot overlap the source), which the move replaces. It is not watched, so
+        // replacing it sends nothing.
+        // SAFETY: a fresh, inaccessible mapping.
+        let spot = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                r.len() as usize,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if spot == libc::MAP_FAILED {
+            return Err(Outcome::Failed(os_err("mmap(PROT_NONE)")));
+        }
         let entry = Instant::now();
-        // SAFETY: moving the demo's own mapping to a free spot it chose.
+        // SAFETY: moving the demo's own mapping over its own reservation.
         let p = unsafe {
             libc::mremap(
                 r.ptr(),
                 r.len() as usize,
                 r.len() as usize,
                 libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                target as *mut c_void,
+                spot,
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(Outcome::Failed(os_err("mremap")));
+            let err = os_err("mremap");
+            // SAFETY: the reservation is the demo's own.
+            unsafe { libc::munmap(spot, r.len() as usize) };
+            return Err(Outcome::Failed(err));
         }
         moved.set(Some(p));
         Ok(entry)

@@ -171,3 +171,73 @@ fn only_selects_paths_and_rejects_unknown_names() {
     assert!(stderr.contains("no path matches"), "{stderr}");
     assert!(stderr.contains("munmap-whole"), "{stderr}");
 }
+
+/// `mmnotify bench --quick --group watch` measures every figure of the watcher group (no speed
+/// is asserted: that is the benchmark's job, not a test's), writes its markdown table, and
+/// states the 1.1x target with a verdict.
+#[test]
+fn bench_watch_group_reports_every_figure() {
+    let out_dir = std::env::temp_dir().join(format!("mmnotify-watch-bench-{}", std::process::id()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mmnotify"))
+        .args(["bench", "--quick", "--group", "watch", "--out"])
+        .arg(&out_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run mmnotify bench");
+    let began = Instant::now();
+    while child.try_wait().expect("wait for mmnotify").is_none() {
+        if began.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("mmnotify bench --quick --group watch hung");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("collect output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for call in ["munmap", "madvise", "mremap"] {
+        for variant in [
+            "unwatched",
+            "bare-reader",
+            "bare-poll-reader",
+            "watched-0",
+            "watched-1",
+            "watched-1000",
+            "latency-median",
+            "latency-p99",
+        ] {
+            let id = format!("w/{call}/{variant}");
+            let line = stdout
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(id.as_str()))
+                .unwrap_or_else(|| panic!("no row {id}:\n{stdout}"));
+            let value: f64 = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no value in {line}"));
+            assert!(value > 0.0, "{line}");
+        }
+    }
+    let target = stdout
+        .lines()
+        .find(|l| l.contains("(w) a watched call costs at most 1.1x"))
+        .unwrap_or_else(|| panic!("no target line:\n{stdout}"));
+    let verdict = target
+        .split(['[', ']'])
+        .nth(1)
+        .map(str::trim)
+        .unwrap_or_default();
+    assert!(
+        verdict == "met" || verdict == "MISSED",
+        "the target must be judged: {target}"
+    );
+    let md = std::fs::read_to_string(out_dir.join("watch.md")).expect("watch.md written");
+    assert!(md.contains("`w/munmap/watched-1000`"), "{md}");
+    std::fs::remove_dir_all(&out_dir).ok();
+}
