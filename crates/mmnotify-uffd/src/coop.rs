@@ -32,7 +32,6 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use mmnotify::{Event, InvalidateGuard, Mm, Range};
 
 use crate::error::{Error, Result};
-use crate::gate::ForkProbe;
 use crate::maps;
 use crate::sys;
 use crate::watcher::Watcher;
@@ -122,7 +121,7 @@ pub fn file_mappings(fd: BorrowedFd<'_>, file_start: u64, file_end: u64) -> Resu
 impl Watcher {
     fn coop_mm(&self) -> Option<&Mm> {
         // In a forked child the Mm is the parent's: the call is made, nobody is told.
-        if ForkProbe::get().is_original() && self.core_for_coop().gate.trusted() {
+        if self.core_for_coop().gate.trusted() {
             Some(self.mm())
         } else {
             None

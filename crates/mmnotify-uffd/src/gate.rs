@@ -24,7 +24,9 @@
 //! never touches a lock a parent thread may have held at fork time.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::OnceLock;
+
+use crate::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, FailReason, Result};
@@ -47,15 +49,25 @@ const RUNNING: u8 = 0;
 const SHUT_DOWN: u8 = 1;
 const FAILED: u8 = 2;
 
-/// A word in a `MADV_WIPEONFORK` page: nonzero in the process that wrote it, zero in any
-/// child forked from it.
+/// A word in a `MADV_WIPEONFORK` page: the *process mark*, which the kernel hands to any child
+/// forked from this process as zero.
+///
+/// Each [`Gate`] records the mark it was created under and compares it with the word on every
+/// check (one load). A child sees zero, so every gate it inherited reports a fork. A child that
+/// builds a watcher of its own re-arms the word with a fresh nonzero mark, which the inherited
+/// gates (holding the parent's mark) still do not match.
+///
+/// Where WIPEONFORK is missing (Linux < 4.14) the word lives on the heap and the mark is the
+/// pid with the top bit set; a check then costs a `getpid` system call.
 pub(crate) struct ForkProbe {
     word: &'static AtomicU64,
+    wiped: bool,
 }
 
+const PID_MARK: u64 = 1 << 63;
+
 impl ForkProbe {
-    /// The process-wide probe, created on first use. `None` when the kernel refused the page
-    /// or the advice (before Linux 4.14); fork detection then falls back to a pid comparison.
+    /// The process-wide probe, created on first use.
     pub(crate) fn get() -> &'static ForkProbe {
         static PROBE: OnceLock<ForkProbe> = OnceLock::new();
         PROBE.get_or_init(ForkProbe::create)
@@ -90,29 +102,46 @@ impl ForkProbe {
             }
             Err(_) => (Box::leak(Box::new(AtomicU64::new(0))), false),
         };
-        // Nonzero marks "the process that wrote it"; if WIPEONFORK was not available the word
-        // holds the pid instead, compared with getpid() on each check (a system call, only on
-        // kernels older than 4.14).
-        let mark = if wiped {
-            1
-        } else {
-            u64::from(rustix::process::getpid().as_raw_nonzero().get() as u32) | (1 << 63)
-        };
-        word.store(mark, Ordering::Release);
-        ForkProbe { word }
+        ForkProbe { word, wiped }
     }
 
-    /// Whether this process is the one that created the probe. One load when WIPEONFORK works.
+    fn pid_mark() -> u64 {
+        u64::from(rustix::process::getpid().as_raw_nonzero().get() as u32) | PID_MARK
+    }
+
+    /// The mark of this process, arming the word first if this process has none yet (first
+    /// use, or a forked child building its own watcher).
+    pub(crate) fn arm(&self) -> u64 {
+        if !self.wiped {
+            return Self::pid_mark();
+        }
+        // A counter copied into a child keeps counting from the parent's value, so a child's
+        // mark always differs from the one its inherited gates hold.
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        loop {
+            let cur = self.word.load(Ordering::Acquire);
+            if cur != 0 {
+                return cur;
+            }
+            let mark = NEXT.fetch_add(1, Ordering::Relaxed);
+            if self
+                .word
+                .compare_exchange(0, mark, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return mark;
+            }
+        }
+    }
+
+    /// Whether this is still the process that got `mark`. One load when WIPEONFORK works.
     #[inline]
-    pub(crate) fn is_original(&self) -> bool {
-        let w = self.word.load(Ordering::Relaxed);
-        if w == 1 {
-            return true;
+    pub(crate) fn is_original(&self, mark: u64) -> bool {
+        if self.wiped {
+            self.word.load(Ordering::Relaxed) == mark
+        } else {
+            Self::pid_mark() == mark
         }
-        if w & (1 << 63) != 0 {
-            return (w as u32) == rustix::process::getpid().as_raw_nonzero().get() as u32;
-        }
-        false
     }
 }
 
@@ -140,6 +169,7 @@ pub(crate) struct Gate {
     lock: Mutex<()>,
     changed: Condvar,
     probe: &'static ForkProbe,
+    mark: u64,
 }
 
 impl std::fmt::Debug for Gate {
@@ -163,6 +193,7 @@ impl Gate {
             lock: Mutex::new(()),
             changed: Condvar::new(),
             probe: ForkProbe::get(),
+            mark: ForkProbe::get().arm(),
         }
     }
 
@@ -187,7 +218,7 @@ impl Gate {
         // SeqCst pairs with the waiter's increment of `waiters` before it re-checks: either it
         // sees the new value or we see it waiting.
         if self.waiters.load(Ordering::SeqCst) > 0 {
-            let _l = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _l = self.lock.lock();
             self.changed.notify_all();
         }
     }
@@ -203,7 +234,7 @@ impl Gate {
     /// Marks the watcher failed (the first reason wins) and wakes every waiter.
     pub(crate) fn fail(&self, reason: FailReason) {
         {
-            let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+            let mut r = self.reason.lock();
             if r.is_none() {
                 *r = Some(reason);
             }
@@ -211,7 +242,7 @@ impl Gate {
         let _ = self
             .state
             .compare_exchange(RUNNING, FAILED, Ordering::SeqCst, Ordering::SeqCst);
-        let _l = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _l = self.lock.lock();
         self.changed.notify_all();
     }
 
@@ -220,7 +251,7 @@ impl Gate {
         let _ = self
             .state
             .compare_exchange(RUNNING, SHUT_DOWN, Ordering::SeqCst, Ordering::SeqCst);
-        let _l = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _l = self.lock.lock();
         self.changed.notify_all();
     }
 
@@ -228,18 +259,13 @@ impl Gate {
 
     /// The current health.
     pub(crate) fn health(&self) -> Health {
-        if !self.probe.is_original() {
+        if !self.probe.is_original(self.mark) {
             return Health::Forked;
         }
         match self.state.load(Ordering::SeqCst) {
             RUNNING => Health::Running,
             SHUT_DOWN => Health::ShutDown,
-            _ => Health::Failed(
-                self.reason
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .unwrap_or(FailReason::ReaderDied),
-            ),
+            _ => Health::Failed(self.reason.lock().unwrap_or(FailReason::ReaderDied)),
         }
     }
 
@@ -258,7 +284,13 @@ impl Gate {
     /// fork probe, one for the state.
     #[inline]
     pub(crate) fn trusted(&self) -> bool {
-        self.probe.is_original() && self.state.load(Ordering::SeqCst) == RUNNING
+        self.probe.is_original(self.mark) && self.state.load(Ordering::SeqCst) == RUNNING
+    }
+
+    /// Whether this is still the process that built the gate (one load).
+    #[inline]
+    pub(crate) fn is_original(&self) -> bool {
+        self.probe.is_original(self.mark)
     }
 
     // --- the fillers --------------------------------------------------------------------------
@@ -277,7 +309,7 @@ impl Gate {
         let begun = Instant::now();
         self.waiters.fetch_add(1, Ordering::SeqCst);
         let _unwait = Unwait(&self.waiters);
-        let mut l = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut l = self.lock.lock();
         loop {
             self.check()?;
             let opened = self.opened.load(Ordering::SeqCst);
@@ -299,11 +331,7 @@ impl Gate {
                 }
                 None => slice,
             };
-            l = self
-                .changed
-                .wait_timeout(l, wait)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            l = self.changed.wait_timeout(l, wait);
         }
     }
 

@@ -10,8 +10,8 @@
 //! the newest batch number): it invalidates more than was asked, never less, and keeps order,
 //! because once the span exists every later message joins it until the dispatcher takes it.
 
+use crate::sync::{Condvar, Mutex};
 use std::collections::VecDeque;
-use std::sync::{Condvar, Mutex};
 
 use crate::sys::Msg;
 
@@ -72,7 +72,7 @@ impl Handoff {
     /// The reader's push: never blocks for long (the lock is only held for pushes and pops),
     /// never allocates.
     pub(crate) fn push(&self, item: Item) {
-        let mut r = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = self.ring.lock();
         if matches!(item, Item::Stop) {
             r.stopped = true;
         } else if r.overflow.is_some() || r.items.len() >= r.capacity {
@@ -100,7 +100,7 @@ impl Handoff {
     /// The dispatcher's pop: waits for work; `Item::Stop` once the reader stopped and
     /// everything before it was taken.
     pub(crate) fn pop(&self) -> Item {
-        let mut r = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = self.ring.lock();
         loop {
             if let Some(item) = r.items.pop_front() {
                 return item;
@@ -111,16 +111,13 @@ impl Handoff {
             if r.stopped {
                 return Item::Stop;
             }
-            r = self.ready.wait(r).unwrap_or_else(|p| p.into_inner());
+            r = self.ready.wait(r);
         }
     }
 
     /// How many times the ring overflowed.
     pub(crate) fn overflows(&self) -> u64 {
-        self.ring
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .overflows
+        self.ring.lock().overflows
     }
 }
 

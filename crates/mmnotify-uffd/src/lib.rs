@@ -52,6 +52,7 @@ mod handoff;
 mod interval;
 pub mod maps;
 pub mod pagemap;
+mod sync;
 mod sys;
 mod watch;
 mod watcher;
@@ -63,7 +64,7 @@ pub use interval::{WatchSeq, WatchedInterval};
 pub use watch::{SkipReason, Skipped, WatchOutcome, WatchReport, WatchedVma};
 #[cfg(feature = "fault-injection")]
 pub use watcher::Fault;
-pub use watcher::{Features, ForkEvents, Watcher, WatcherOptions, WatcherStats};
+pub use watcher::{Features, ForkEvents, Remap, Watcher, WatcherOptions, WatcherStats};
 
 /// The system page size, in bytes.
 pub fn page_size() -> u64 {

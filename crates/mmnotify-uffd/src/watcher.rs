@@ -39,7 +39,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -50,6 +50,7 @@ use crate::error::{Error, FailReason, Result};
 use crate::gate::{self, Gate, Health};
 use crate::handoff::{Handoff, Item};
 use crate::interval::WatchedInterval;
+use crate::sync::{Mutex, RwLock};
 use crate::sys::{self, Msg};
 use crate::watch::{self, WatchReport};
 
@@ -171,6 +172,122 @@ pub(crate) struct Core {
     counters: Counters,
     inject: AtomicU8,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// A private page for the mmap_lock fence.
+    scratch: Scratch,
+    remap_hooks: Mutex<Vec<RemapHook>>,
+}
+
+type RemapHook = Arc<dyn Fn(Remap) + Send + Sync>;
+
+/// A move reported by the kernel (mremap): `len` bytes went from `from` to `to`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Remap {
+    /// The old start.
+    pub from: u64,
+    /// The new start.
+    pub to: u64,
+    /// The length moved.
+    pub len: u64,
+}
+
+/// How long the dispatcher waits to see a REMOVE's zap begin (U4).
+const ZAP_WAIT: Duration = Duration::from_millis(2);
+/// The most pages of a REMOVE range it watches for the zap.
+const ZAP_PAGES: u64 = 512;
+
+/// What a REMOVE range looked like when its message was taken from the queue: which pages were
+/// present (and their frames, where visible). The zap that follows a REMOVE runs in the
+/// madvising thread after it re-takes `mmap_lock` for reading; once a page that was present is
+/// seen gone (or backed by another frame), that thread holds the lock or has finished, and a
+/// write-lock fence then waits for the zap to complete.
+struct ZapWatch {
+    start: u64,
+    present: Vec<(usize, Option<u64>)>,
+}
+
+impl ZapWatch {
+    fn snapshot(start: u64, end: u64) -> ZapWatch {
+        let ps = sys::page_size();
+        let pages = (end.saturating_sub(start) / ps).min(ZAP_PAGES) as usize;
+        let read = |pages| {
+            crate::pagemap::entries(start, pages)
+                .map(|es| {
+                    es.iter()
+                        .enumerate()
+                        .filter(|(_, e)| e.present())
+                        .map(|(i, e)| (i, e.pfn()))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        };
+        let present = read(pages);
+        if !present.is_empty() || pages == 0 {
+            return ZapWatch { start, present };
+        }
+        // Nothing present: nothing would show the zap. Make the first page present without
+        // changing its contents (a read fault maps the zero page or the file's page); the zap
+        // clears it first, and the fence waits for the rest.
+        const MADV_POPULATE_READ: i32 = 22;
+        // SAFETY: populating for reading changes no contents; on a hole it fails harmlessly.
+        unsafe { libc::madvise(start as *mut libc::c_void, ps as usize, MADV_POPULATE_READ) };
+        ZapWatch {
+            start,
+            present: read(1),
+        }
+    }
+
+    /// Waits (at most [`ZAP_WAIT`]) until every page that was present is gone or re-backed.
+    /// Returns whether the zap was seen. MADV_FREE leaves pages mapped, so it runs to the
+    /// bound; nothing can go stale there until reclaim (a blind spot of its own).
+    fn wait_for_zap(&self) -> bool {
+        let Some(&(last, _)) = self.present.last() else {
+            return false;
+        };
+        let deadline = Instant::now() + ZAP_WAIT;
+        loop {
+            if let Ok(now) = crate::pagemap::entries(self.start, last + 1) {
+                let zapped = self.present.iter().all(|&(i, pfn)| {
+                    let e = now[i];
+                    !e.present() || (pfn.is_some() && e.pfn() != pfn)
+                });
+                if zapped {
+                    return true;
+                }
+            } else {
+                return false;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::yield_now();
+        }
+    }
+}
+
+/// A private anonymous page owned by the watcher, unmapped on drop.
+struct Scratch(usize);
+
+impl Scratch {
+    fn new() -> Result<Scratch> {
+        // SAFETY: a fresh private anonymous page at an address of the kernel's choosing.
+        let p = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                sys::page_size() as usize,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::PRIVATE,
+            )
+        }
+        .map_err(|e| Error::syscall("mmap", e))?;
+        Ok(Scratch(p as usize))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // SAFETY: the page was mapped by `Scratch::new` and nothing else refers to it.
+        unsafe { libc::munmap(self.0 as *mut libc::c_void, sys::page_size() as usize) };
+    }
 }
 
 impl std::fmt::Debug for Core {
@@ -232,13 +349,15 @@ static PROCESS_WATCHER: Mutex<Option<Weak<Handle>>> = Mutex::new(None);
 impl Watcher {
     /// The process's watcher, created with default options on first use (or after the
     /// previous one was shut down or failed). If it exists, it is returned whatever its
-    /// options.
+    /// options. In a forked child, the parent's watcher is left alone (it fails closed there)
+    /// and the child gets a watcher of its own; call this only where no other thread of the
+    /// parent could have held the process-wide slot's lock at the fork (for example right
+    /// after a fork from a single-threaded point, or after exec).
     ///
     /// # Errors
     ///
     /// The creation errors: [`Error::NoUserfaultfd`], [`Error::NotPermitted`],
-    /// [`Error::KernelTooOld`], [`Error::Forked`] (this is a child of the process that has
-    /// the watcher), [`Error::Syscall`].
+    /// [`Error::KernelTooOld`], [`Error::Syscall`].
     pub fn get() -> Result<Watcher> {
         Self::obtain(None)
     }
@@ -255,7 +374,7 @@ impl Watcher {
     }
 
     fn obtain(options: Option<WatcherOptions>) -> Result<Watcher> {
-        let mut slot = PROCESS_WATCHER.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = PROCESS_WATCHER.lock();
         if let Some(handle) = slot.as_ref().and_then(Weak::upgrade) {
             match handle.core.gate.health() {
                 Health::Running => {
@@ -345,7 +464,7 @@ impl Watcher {
     pub fn watch(&self, addr: u64, len: u64) -> Result<WatchReport> {
         let end = watch::validate(addr, len)?;
         self.core().gate.check()?;
-        let uffd = self.core().uffd.read().unwrap_or_else(|p| p.into_inner());
+        let uffd = self.core().uffd.read();
         let fd = uffd.as_ref().ok_or(Error::ShutDown)?;
         watch::register_range(fd.as_fd(), addr, end, self.core().features.wp_async)
     }
@@ -359,7 +478,7 @@ impl Watcher {
     pub fn unwatch(&self, addr: u64, len: u64) -> Result<usize> {
         let end = watch::validate(addr, len)?;
         self.core().gate.check()?;
-        let uffd = self.core().uffd.read().unwrap_or_else(|p| p.into_inner());
+        let uffd = self.core().uffd.read();
         let fd = uffd.as_ref().ok_or(Error::ShutDown)?;
         watch::unregister_range(fd.as_fd(), addr, end)
     }
@@ -414,6 +533,14 @@ impl Watcher {
     /// harmless.
     pub fn shutdown(&self) {
         self.core().shutdown();
+    }
+
+    /// Calls `hook` on the dispatcher for every REMAP (mremap move) the kernel reports, before
+    /// the old range is invalidated: a subscriber can learn where its memory went (the
+    /// engine's invalidation of the old range carries no destination). Hooks run like
+    /// callbacks: they may not call blocking watcher operations.
+    pub fn on_remap(&self, hook: impl Fn(Remap) + Send + Sync + 'static) {
+        self.core().remap_hooks.lock().push(Arc::new(hook));
     }
 
     /// The raw descriptor number of the userfaultfd (for diagnostics).
@@ -537,6 +664,8 @@ impl Core {
             counters: Counters::default(),
             inject: AtomicU8::new(INJECT_NONE),
             threads: Mutex::new(Vec::new()),
+            scratch: Scratch::new()?,
+            remap_hooks: Mutex::new(Vec::new()),
         });
         // The reader must be running (its buffer allocated, its thread set up) before anything
         // is registered: with EVENT_FORK a fork would otherwise wait for a reader that is still
@@ -553,10 +682,7 @@ impl Core {
             .spawn(move || dispatcher_main(dispatcher_core))
             .map_err(|e| Error::syscall("spawning the dispatcher thread", e))?;
         let _ = ready_rx.recv_timeout(Duration::from_secs(10));
-        core.threads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend([reader, dispatcher]);
+        core.threads.lock().extend([reader, dispatcher]);
         tracing::debug!(target: "mmnotify_uffd", fd = raw_fd, supported, enabled, "watcher created");
         Ok(core)
     }
@@ -566,7 +692,7 @@ impl Core {
     }
 
     fn shutdown(&self) {
-        if !gate::ForkProbe::get().is_original() {
+        if !self.gate.is_original() {
             // A forked child's copy: its threads do not exist here; touch nothing.
             return;
         }
@@ -576,7 +702,7 @@ impl Core {
             // Joining would wait for the callback we are in; the threads end on their own.
             return;
         }
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        let threads = std::mem::take(&mut *self.threads.lock());
         let me = thread::current().id();
         for t in threads {
             if t.thread().id() != me {
@@ -588,7 +714,7 @@ impl Core {
     /// Closes the userfaultfd: unregisters everything and releases every waiting unmapper.
     /// When the number no longer names our file, it is forgotten, not closed.
     fn close_uffd(&self, ours: bool) {
-        let mut slot = self.uffd.write().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.uffd.write();
         if let Some(fd) = slot.take() {
             if ours {
                 drop(fd);
@@ -599,12 +725,21 @@ impl Core {
     }
 
     fn deliver(&self, start: u64, end: u64, event: Event) {
+        self.deliver_then(start, end, event, || {});
+    }
+
+    /// Delivers one invalidation; `before_end` runs between the start (every callback done)
+    /// and the end (overlapping `read_begin`s wait until then).
+    fn deliver_then(&self, start: u64, end: u64, event: Event, before_end: impl FnOnce()) {
         let Ok(range) = Range::new(start, end) else {
             return;
         };
         let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
             match self.mm.invalidate_start(range, event) {
-                Ok(guard) => guard.end(),
+                Ok(guard) => {
+                    before_end();
+                    guard.end()
+                }
                 Err(e) => {
                     tracing::warn!(target: "mmnotify_uffd", %e, "invalidation refused");
                 }
@@ -621,13 +756,50 @@ impl Core {
     fn deliver_msg(&self, msg: Msg) {
         match msg {
             Msg::Unmap { start, end } => self.deliver(start, end, Event::Unmap),
-            Msg::Remove { start, end } => self.deliver(start, end, Event::Clear),
-            Msg::Remap { from, len, .. } => {
+            // REMOVE is sent before the zap, which madvise performs after re-taking
+            // mmap_lock for reading once the message was read. Keep the invalidation open
+            // across a write-lock fence so that fills starting after it see the zapped
+            // range (U4 in docs/SEMANTICS.md, with its residual window).
+            Msg::Remove { start, end } => {
+                let before = ZapWatch::snapshot(start, end);
+                self.deliver_then(start, end, Event::Clear, || {
+                    before.wait_for_zap();
+                    self.mmap_lock_fence();
+                })
+            }
+            Msg::Remap { from, to, len } => {
+                // Listeners learn the new address first, so that a mirror can re-point its
+                // entries at `to` when it drops them from `from` (the engine's events carry
+                // no destination).
+                let hooks: Vec<RemapHook> = self.remap_hooks.lock().clone();
+                let remap = Remap { from, to, len };
+                for h in hooks {
+                    if panic::catch_unwind(AssertUnwindSafe(|| h(remap))).is_err() {
+                        self.counters
+                            .callback_panics
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 self.deliver(from, from.saturating_add(len), Event::Unmap)
             }
             Msg::Fork { .. } => self.deliver(0, u64::MAX, Event::ProtectionPage),
             Msg::Other { .. } => {}
         }
+    }
+
+    /// Waits until every thread that holds this process's `mmap_lock` for reading has released
+    /// it, by taking it for writing: `mprotect` of a private scratch page (which changes
+    /// nothing and sends no event) takes the write lock first.
+    fn mmap_lock_fence(&self) {
+        // SAFETY: the scratch page is ours, mapped read-write for the life of the Core;
+        // re-applying the same protection changes nothing.
+        unsafe {
+            libc::mprotect(
+                self.scratch.0 as *mut libc::c_void,
+                sys::page_size() as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
     }
 
     fn count(&self, msg: &Msg) {

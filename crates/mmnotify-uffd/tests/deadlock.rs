@@ -9,6 +9,8 @@
 //! * many threads unmapping watched memory at once;
 //! * blocking watcher calls from a callback are refused with a typed error, not a hang.
 
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::ffi::c_void;
@@ -261,4 +263,44 @@ fn blocking_calls_from_a_callback_are_refused_not_hung() {
     // Break the cycle subscriber -> interval handle.
     let iv = sub.iv.lock().unwrap().take().unwrap();
     w.remove_interval(&iv).unwrap();
+}
+
+/// Holds its callback until told to go, so the gate stays open.
+struct Holder {
+    go: Arc<std::sync::Barrier>,
+}
+
+impl IntervalSubscriber for Holder {
+    fn invalidate(&self, ctx: &IntervalCtx<'_>, _inv: &Invalidation) -> Invalidate {
+        ctx.set_seq();
+        self.go.wait();
+        Invalidate::Done
+    }
+}
+
+#[test]
+fn read_begin_timeout_gives_up_while_a_delivery_is_stuck() {
+    let w = watcher();
+    let p = map_anon(1) as u64;
+    let q = map_anon(1) as u64;
+    let _ = w.watch(p, ps() as u64).unwrap();
+    let go = Arc::new(std::sync::Barrier::new(2));
+    let held = w
+        .insert_interval(p, ps() as u64, Arc::new(Holder { go: go.clone() }))
+        .unwrap();
+    let other = w
+        .insert_interval(q, ps() as u64, Arc::new(Mirror::default()))
+        .unwrap();
+    // SAFETY: the test owns the page; the munmap returns once read, the callback then waits.
+    assert_eq!(unsafe { libc::munmap(p as *mut c_void, ps()) }, 0);
+    let r = other.read_begin_timeout(Duration::from_millis(50));
+    assert!(
+        matches!(r, Err(Error::ReadBeginTimeout { waited }) if waited >= Duration::from_millis(50)),
+        "{r:?}"
+    );
+    go.wait();
+    w.synchronize(LIMIT).unwrap();
+    assert!(other.read_begin_timeout(Duration::from_secs(5)).is_ok());
+    w.remove_interval(&held).unwrap();
+    w.remove_interval(&other).unwrap();
 }

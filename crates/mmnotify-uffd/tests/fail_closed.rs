@@ -3,6 +3,8 @@
 //! error — and nothing hangs. Cases that break or configure the process's one watcher run in
 //! a child process (this test binary re-run with a role); every wait is bounded.
 
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::ffi::c_void;
@@ -78,6 +80,45 @@ fn a_killed_reader_fails_closed() {
 fn a_closed_userfaultfd_fails_closed() {
     let (ok, out) = run_child("child_entry", "close_uffd", LIMIT, false);
     assert!(ok && out.contains("ROLE-OK"), "{out}");
+}
+
+#[test]
+fn a_forked_child_can_build_a_watcher_of_its_own() {
+    let (ok, out) = run_child("child_entry", "child_watcher", LIMIT, false);
+    assert!(ok && out.contains("ROLE-OK"), "{out}");
+}
+
+fn role_child_watcher() {
+    let w = Watcher::get().unwrap();
+    let r = mirror_region(&w, map_anon(2) as u64, 2);
+    let seq = r.iv.read_begin().unwrap();
+    let iv = r.iv.clone();
+    let code = fork_and_wait(LIMIT, move || {
+        // The inherited watcher fails closed...
+        if !iv.read_retry(seq) || !matches!(iv.read_begin(), Err(Error::Forked)) {
+            return 20;
+        }
+        // ...and the child builds its own, which works and is not mistaken for a fork.
+        let Ok(mine) = Watcher::get() else { return 21 };
+        if mine.health() != Health::Running {
+            return 22;
+        }
+        let region = mirror_region(&mine, map_anon(2) as u64, 2);
+        // SAFETY: the child's own region.
+        if unsafe { libc::munmap(region.ptr(), region.len()) } != 0 {
+            return 23;
+        }
+        if mine.synchronize(LIMIT).is_err() || region.mirror.len() != 0 {
+            return 24;
+        }
+        // The parent's gates still say "forked" here.
+        if !matches!(iv.read_begin(), Err(Error::Forked)) {
+            return 25;
+        }
+        0
+    });
+    assert_eq!(code, 0, "child check {code} failed");
+    assert_eq!(w.health(), Health::Running);
 }
 
 fn wait_health(w: &Watcher, want: Health) {
@@ -175,6 +216,7 @@ fn child_entry() {
         Some("kill_reader") => role_kill_reader(),
         Some("close_uffd") => role_close_uffd(),
         Some("fork_events") => role_fork_events(),
+        Some("child_watcher") => role_child_watcher(),
         other => panic!("child_entry needs MMNOTIFY_UFFD_ROLE, got {other:?}"),
     }
     println!("ROLE-OK");

@@ -4,6 +4,8 @@
 //! descriptors, shutdown from a callback and during unmaps. Typed errors, nothing lost, never
 //! a panic or a hang. Cases that shut the process's watcher down run in child processes.
 
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::ffi::c_void;
@@ -24,6 +26,7 @@ fn watcher() -> Watcher {
 
 #[test]
 fn unaligned_empty_and_overflowing_ranges_are_typed_errors() {
+    let _serial = serial();
     let w = watcher();
     let p = map_anon(2) as u64;
     let ps = ps() as u64;
@@ -49,6 +52,7 @@ fn unaligned_empty_and_overflowing_ranges_are_typed_errors() {
 
 #[test]
 fn unmapped_ranges_and_holes_are_reported() {
+    let _serial = serial();
     let w = watcher();
     let p = map_anon(6);
     // SAFETY: carving holes into our own region.
@@ -77,6 +81,7 @@ fn unmapped_ranges_and_holes_are_reported() {
 
 #[test]
 fn special_mappings_are_typed_refusals() {
+    let _serial = serial();
     let w = watcher();
     let v = maps::read_self().unwrap();
     let mut seen = 0;
@@ -109,6 +114,7 @@ static STAMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0
 
 #[test]
 fn file_mappings_private_watch_and_read_only_shared_is_refused() {
+    let _serial = serial();
     use std::os::fd::AsRawFd;
     let w = watcher();
     let path = temp_file(2);
@@ -160,6 +166,7 @@ fn file_mappings_private_watch_and_read_only_shared_is_refused() {
 
 #[test]
 fn memory_owned_by_another_userfaultfd_is_a_typed_error() {
+    let _serial = serial();
     let w = watcher();
     let p = map_anon(2) as u64;
     // A second userfaultfd of this process, with no events, registers the region first.
@@ -189,6 +196,7 @@ fn memory_owned_by_another_userfaultfd_is_a_typed_error() {
 
 #[test]
 fn watching_twice_is_reported_and_loses_nothing() {
+    let _serial = serial();
     let w = watcher();
     let r = mirror_region(&w, map_anon(3) as u64, 3);
     let again = w.watch(r.addr, r.len() as u64).unwrap();
@@ -211,6 +219,7 @@ fn watching_twice_is_reported_and_loses_nothing() {
 
 #[test]
 fn conflicting_options_and_bad_intervals_are_typed_errors() {
+    let _serial = serial();
     let w = watcher();
     let other = WatcherOptions {
         fork_events: ForkEvents::IfPermitted,
@@ -230,6 +239,91 @@ fn conflicting_options_and_bad_intervals_are_typed_errors() {
         w.insert_interval(u64::MAX - 10, 100, sub),
         Err(Error::Engine(mmnotify::Error::RangeOverflow { .. }))
     ));
+}
+
+#[test]
+fn unwatch_unregisters_whole_vmas_and_stops_the_events() {
+    let _serial = serial();
+    let w = watcher();
+    let r = mirror_region(&w, map_anon(2) as u64, 2);
+    assert_eq!(w.unwatch(r.addr, ps() as u64).unwrap(), 1, "the whole VMA");
+    let v = maps::read_self().unwrap();
+    assert!(maps::overlapping(&v, r.addr, r.addr + r.len() as u64)
+        .iter()
+        .all(|m| !m.uffd_wp));
+    let before = w.stats().unmaps;
+    // SAFETY: the test owns the region.
+    assert_eq!(unsafe { libc::munmap(r.ptr(), r.len()) }, 0);
+    r.sync(&w);
+    assert_eq!(w.stats().unmaps, before, "unwatched memory sends nothing");
+    assert!(matches!(
+        w.unwatch(r.addr, 0),
+        Err(Error::EmptyRange { .. })
+    ));
+}
+
+#[test]
+fn a_full_hand_off_ring_folds_messages_and_loses_nothing() {
+    let (ok, out) = run_child("child_entry", "overflow", LIMIT, false);
+    assert!(ok && out.contains("ROLE-OK overflows="), "{out}");
+    println!("{out}");
+}
+
+/// A callback that is slow, so that messages pile up behind it.
+struct Slow(Arc<Mirror>);
+
+impl IntervalSubscriber for Slow {
+    fn invalidate(&self, ctx: &IntervalCtx<'_>, inv: &Invalidation) -> Invalidate {
+        std::thread::sleep(Duration::from_millis(2));
+        self.0.invalidate(ctx, inv)
+    }
+}
+
+fn role_overflow() {
+    let w = Watcher::with_options(WatcherOptions {
+        queue_capacity: 4,
+        read_batch: 1,
+        ..WatcherOptions::default()
+    })
+    .unwrap();
+    const THREADS: usize = 4;
+    const EACH: usize = 50;
+    let mirror = Arc::new(Mirror::default());
+    let mut bases = Vec::new();
+    let mut ivs = Vec::new();
+    for _ in 0..THREADS {
+        let base = map_anon(EACH) as u64;
+        let _ = w.watch(base, (EACH * ps()) as u64).unwrap();
+        let iv = w
+            .insert_interval(base, (EACH * ps()) as u64, Arc::new(Slow(mirror.clone())))
+            .unwrap();
+        assert!(mirror.fill(&iv, base, EACH));
+        ivs.push(iv);
+        bases.push(base);
+    }
+    let hs: Vec<_> = bases
+        .iter()
+        .map(|&base| {
+            std::thread::spawn(move || {
+                for i in 0..EACH {
+                    let p = base + (i * ps()) as u64;
+                    // SAFETY: each thread owns its region.
+                    assert_eq!(unsafe { libc::munmap(p as *mut c_void, ps()) }, 0);
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    w.synchronize(LIMIT).unwrap();
+    let stats = w.stats();
+    assert!(stats.overflows > 0, "the ring never filled: {stats:?}");
+    assert_eq!(stats.unmaps, (THREADS * EACH) as u64, "{stats:?}");
+    // Every page was invalidated (some through a folded, covering invalidation).
+    assert_eq!(mirror.len(), 0);
+    assert!(mirror.incoherent().is_empty());
+    println!("ROLE-OK overflows={} stats={stats:?}", stats.overflows);
 }
 
 // --- shutdown, in child processes -----------------------------------------------------------
@@ -403,6 +497,7 @@ fn child_entry() {
         Some("no_leak") => role_no_leak(),
         Some("from_callback") => role_from_callback(),
         Some("during_unmaps") => role_during_unmaps(),
+        Some("overflow") => role_overflow(),
         other => panic!("child_entry needs MMNOTIFY_UFFD_ROLE, got {other:?}"),
     }
     println!("ROLE-OK");

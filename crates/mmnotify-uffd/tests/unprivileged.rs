@@ -4,6 +4,8 @@
 //! error, memory watched, an munmap delivered, the mirror judged coherent (by page contents:
 //! an unprivileged reader sees no page frame numbers).
 
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::time::Duration;
@@ -52,8 +54,8 @@ fn unprivileged_role() {
     assert!(r.mirror.incoherent().is_empty());
     // A madvise on fresh memory, judged by contents.
     let r2 = mirror_region(&w, map_anon(2) as u64, 2);
-    // SAFETY: the role's own region.
     assert_eq!(
+        // SAFETY: the role's own region.
         unsafe { libc::madvise(r2.ptr(), r2.len(), libc::MADV_DONTNEED) },
         0
     );

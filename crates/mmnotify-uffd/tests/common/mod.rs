@@ -2,7 +2,7 @@
 //! through the collision-retry protocol, a coherence judge against /proc/self/pagemap, child
 //! processes (re-running this test binary with a role), and timeouts.
 
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::disallowed_types)]
 
 use std::collections::BTreeMap;
 use std::ffi::c_void;
@@ -15,6 +15,16 @@ use mmnotify_uffd::pagemap::{self, Frame};
 use mmnotify_uffd::{WatchedInterval, Watcher};
 
 pub const MADV_POPULATE_WRITE: i32 = 23;
+
+/// Serialises the tests of one binary that assert exact event lists. Tests that run at the
+/// same time share the process's watcher, and a late UNMAP of one test's freed range can
+/// reach another test's mirror of memory mapped at the same address afterwards (the kernel
+/// frees the range before it queues the message): an over-invalidation, harmless, but not
+/// what an exact assertion expects.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 pub fn ps() -> usize {
     mmnotify_uffd::page_size() as usize
