@@ -395,7 +395,7 @@ impl Call {
         match self {
             Call::Munmap => "munmap",
             Call::Madvise => "madvise(DONTNEED)",
-            Call::Mremap => "mremap(MAYMOVE|FIXED) to a free spot",
+            Call::Mremap => "mremap(MAYMOVE|FIXED) over a fresh mapping",
         }
     }
 }
