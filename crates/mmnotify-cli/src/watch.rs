@@ -993,7 +993,7 @@ pub(crate) fn run(args: &WatchArgs) -> Result<ExitCode, String> {
     print!("{}", header(&w));
     let selected: Vec<&Path> = PATHS
         .iter()
-        .filter(|p| args.only.as_deref().is_none_or(|t| p.name.contains(t)))
+        .filter(|p| args.only.as_deref().map_or(true, |t| p.name.contains(t)))
         .collect();
     if selected.is_empty() {
         return Err(format!(
