@@ -37,8 +37,8 @@
 //! one.
 //!
 //! **Latency** is measured on `watched-1` (call entry → the subscriber's callback, which runs
-//! on the watcher's dispatching thread) and on the bare reader (call entry → its `read`
-//! returning), median and 99th percentile.
+//! on the watcher's dispatching thread) and on the bare reader (call entry → its first `read`
+//! of the call's messages returning), median and 99th percentile.
 
 use std::ffi::c_void;
 use std::os::fd::{AsFd, OwnedFd};
@@ -124,7 +124,8 @@ fn unmap(addr: u64, len: u64) {
 struct BareReader {
     uffd: Arc<OwnedFd>,
     stop: Arc<AtomicBool>,
-    last_read: Arc<AtomicU64>,
+    /// When the first `read` since [`reset`](Self::reset) returned (0: none yet).
+    first_read: Arc<AtomicU64>,
     /// A registered page whose unmapping wakes the reader to stop.
     sentinel: u64,
     thread: Option<JoinHandle<()>>,
@@ -161,7 +162,7 @@ impl BareReader {
         let mut reader = BareReader {
             uffd: Arc::new(uffd),
             stop: Arc::new(AtomicBool::new(false)),
-            last_read: Arc::new(AtomicU64::new(0)),
+            first_read: Arc::new(AtomicU64::new(0)),
             sentinel: map_populated(ps())?,
             thread: None,
         };
@@ -169,7 +170,7 @@ impl BareReader {
         let (uffd, stop, last) = (
             Arc::clone(&reader.uffd),
             Arc::clone(&reader.stop),
-            Arc::clone(&reader.last_read),
+            Arc::clone(&reader.first_read),
         );
         let thread = std::thread::Builder::new()
             .name("bench-bare-uffd-reader".into())
@@ -188,7 +189,14 @@ impl BareReader {
                         }
                     }
                     match rustix::io::read(uffd.as_fd(), &mut buf) {
-                        Ok(_) => last.store(now_ns(), Ordering::Release),
+                        Ok(_) => {
+                            let _ = last.compare_exchange(
+                                0,
+                                now_ns(),
+                                Ordering::Release,
+                                Ordering::Relaxed,
+                            );
+                        }
                         Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => continue,
                         Err(_) => return,
                     }
@@ -220,13 +228,18 @@ impl BareReader {
         .map_err(|e| format!("UFFDIO_REGISTER: {e}"))
     }
 
-    /// The time of the latest read, once it is later than `after` (the reader stores it just
-    /// after its `read` returned, which may be after the unmapping call returned).
-    fn read_after(&self, after: u64) -> Option<u64> {
+    /// Forgets the last call's read.
+    fn reset(&self) {
+        self.first_read.store(0, Ordering::Relaxed);
+    }
+
+    /// The time of the first read since [`reset`](Self::reset), once the reader has stored it
+    /// (just after its `read` returned, which may be after the unmapping call returned).
+    fn first_read(&self) -> Option<u64> {
         let deadline = Instant::now() + Duration::from_secs(1);
         loop {
-            let t = self.last_read.load(Ordering::Acquire);
-            if t >= after {
+            let t = self.first_read.load(Ordering::Acquire);
+            if t != 0 {
                 return Some(t);
             }
             if Instant::now() > deadline {
@@ -464,8 +477,8 @@ fn observe(
 fn settle(o: &Observers<'_>, variant: Variant, t0: u64) -> Result<Option<u64>, String> {
     match variant {
         Variant::Unwatched => Ok(None),
-        Variant::Bare => Ok(o.bare.read_after(t0).map(|t| t - t0)),
-        Variant::BarePoll => Ok(o.bare_poll.read_after(t0).map(|t| t - t0)),
+        Variant::Bare => Ok(o.bare.first_read().map(|t| t.saturating_sub(t0))),
+        Variant::BarePoll => Ok(o.bare_poll.first_read().map(|t| t.saturating_sub(t0))),
         Variant::Watched(n) => {
             o.watcher
                 .synchronize(Duration::from_secs(10))
@@ -549,6 +562,8 @@ fn one_call(
         Call::Munmap => 0,
     };
     o.first.reset();
+    o.bare.reset();
+    o.bare_poll.reset();
     let t0 = now_ns();
     let rc = match call {
         // SAFETY: the benchmark's own piece, not referenced.
