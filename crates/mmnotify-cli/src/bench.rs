@@ -222,9 +222,11 @@ fn text_table(r: &Report) -> String {
     s
 }
 
-/// Markdown would read `RwLock<Vec<...>>` as HTML tags.
+/// Markdown would read `RwLock<Vec<...>>` as HTML tags, and `MAYMOVE|FIXED` as a column break.
 fn html_escape(s: &str) -> String {
-    s.replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('|', "\\|")
 }
 
 fn markdown(r: &Report, command: &str) -> String {
