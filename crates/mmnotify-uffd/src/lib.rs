@@ -32,7 +32,9 @@
 //!
 //! | concept | file |
 //! |---|---|
-//! | the watcher, its threads, creation and shutdown | `watcher.rs` |
+//! | the watcher: creation, API, shutdown | `watcher.rs` |
+//! | the reader and dispatcher threads, message → invalidation | `threads.rs` |
+//! | REMOVE: holding the invalidation across the zap | `zap.rs` |
 //! | `watch`: whole-VMA registration and its typed results | `watch.rs` |
 //! | the read→delivery gate, health and fork detection | `gate.rs` |
 //! | the filler's handle | `interval.rs` |
@@ -54,8 +56,10 @@ pub mod maps;
 pub mod pagemap;
 mod sync;
 mod sys;
+mod threads;
 mod watch;
 mod watcher;
+mod zap;
 
 pub use coop::{advice_invalidates, file_mappings};
 pub use error::{Error, FailReason, Result};

@@ -37,22 +37,24 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use mmnotify::{Event, IntervalSubscriber, Mm, Range};
-use rustix::event::{PollFd, PollFlags};
+use mmnotify::{IntervalSubscriber, Mm};
 
-use crate::error::{Error, FailReason, Result};
+use crate::error::{Error, Result};
 use crate::gate::{self, Gate, Health};
-use crate::handoff::{Handoff, Item};
+use crate::handoff::Handoff;
 use crate::interval::WatchedInterval;
 use crate::sync::{Mutex, RwLock};
-use crate::sys::{self, Msg};
+use crate::sys;
+#[cfg(feature = "fault-injection")]
+use crate::threads::INJECT_KILL;
+use crate::threads::{dispatcher_main, reader_main, INJECT_NONE};
 use crate::watch::{self, WatchReport};
+use crate::zap::Scratch;
 
 /// Whether the watcher asks for fork events.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -129,14 +131,14 @@ pub struct WatcherStats {
 }
 
 #[derive(Default)]
-struct Counters {
-    unmaps: AtomicU64,
-    removes: AtomicU64,
-    remaps: AtomicU64,
-    forks: AtomicU64,
-    others: AtomicU64,
-    invalidations: AtomicU64,
-    callback_panics: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) unmaps: AtomicU64,
+    pub(crate) removes: AtomicU64,
+    pub(crate) remaps: AtomicU64,
+    pub(crate) forks: AtomicU64,
+    pub(crate) others: AtomicU64,
+    pub(crate) invalidations: AtomicU64,
+    pub(crate) callback_panics: AtomicU64,
 }
 
 /// A fault to inject (feature `fault-injection`, tests only).
@@ -151,33 +153,27 @@ pub enum Fault {
     CloseUffd,
 }
 
-const INJECT_NONE: u8 = 0;
-const INJECT_KILL: u8 = 1;
-
-/// How often the reader wakes without events to check that its descriptor is still its own.
-const HEARTBEAT: Duration = Duration::from_millis(200);
-
 pub(crate) struct Core {
     pub(crate) gate: Arc<Gate>,
-    mm: Mm,
+    pub(crate) mm: Mm,
     /// The userfaultfd; `None` once the reader closed it. Registration takes the read lock for
     /// the ioctl; the reader takes the write lock to close.
-    uffd: RwLock<Option<OwnedFd>>,
-    raw_fd: i32,
-    identity: (u64, u64),
-    wake_fd: OwnedFd,
-    handoff: Handoff,
-    features: Features,
-    options: WatcherOptions,
-    counters: Counters,
-    inject: AtomicU8,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    pub(crate) uffd: RwLock<Option<OwnedFd>>,
+    pub(crate) raw_fd: i32,
+    pub(crate) identity: (u64, u64),
+    pub(crate) wake_fd: OwnedFd,
+    pub(crate) handoff: Handoff,
+    pub(crate) features: Features,
+    pub(crate) options: WatcherOptions,
+    pub(crate) counters: Counters,
+    pub(crate) inject: AtomicU8,
+    pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
     /// A private page for the mmap_lock fence.
-    scratch: Scratch,
-    remap_hooks: Mutex<Vec<RemapHook>>,
+    pub(crate) scratch: Scratch,
+    pub(crate) remap_hooks: Mutex<Vec<RemapHook>>,
 }
 
-type RemapHook = Arc<dyn Fn(Remap) + Send + Sync>;
+pub(crate) type RemapHook = Arc<dyn Fn(Remap) + Send + Sync>;
 
 /// A move reported by the kernel (mremap): `len` bytes went from `from` to `to`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -188,106 +184,6 @@ pub struct Remap {
     pub to: u64,
     /// The length moved.
     pub len: u64,
-}
-
-/// How long the dispatcher waits to see a REMOVE's zap begin (U4).
-const ZAP_WAIT: Duration = Duration::from_millis(2);
-/// The most pages of a REMOVE range it watches for the zap.
-const ZAP_PAGES: u64 = 512;
-
-/// What a REMOVE range looked like when its message was taken from the queue: which pages were
-/// present (and their frames, where visible). The zap that follows a REMOVE runs in the
-/// madvising thread after it re-takes `mmap_lock` for reading; once a page that was present is
-/// seen gone (or backed by another frame), that thread holds the lock or has finished, and a
-/// write-lock fence then waits for the zap to complete.
-struct ZapWatch {
-    start: u64,
-    present: Vec<(usize, Option<u64>)>,
-}
-
-impl ZapWatch {
-    fn snapshot(start: u64, end: u64) -> ZapWatch {
-        let ps = sys::page_size();
-        let pages = (end.saturating_sub(start) / ps).min(ZAP_PAGES) as usize;
-        let read = |pages| {
-            crate::pagemap::entries(start, pages)
-                .map(|es| {
-                    es.iter()
-                        .enumerate()
-                        .filter(|(_, e)| e.present())
-                        .map(|(i, e)| (i, e.pfn()))
-                        .collect::<Vec<_>>()
-                })
-                .unwrap_or_default()
-        };
-        let present = read(pages);
-        if !present.is_empty() || pages == 0 {
-            return ZapWatch { start, present };
-        }
-        // Nothing present: nothing would show the zap. Make the first page present without
-        // changing its contents (a read fault maps the zero page or the file's page); the zap
-        // clears it first, and the fence waits for the rest.
-        const MADV_POPULATE_READ: i32 = 22;
-        // SAFETY: populating for reading changes no contents; on a hole it fails harmlessly.
-        unsafe { libc::madvise(start as *mut libc::c_void, ps as usize, MADV_POPULATE_READ) };
-        ZapWatch {
-            start,
-            present: read(1),
-        }
-    }
-
-    /// Waits (at most [`ZAP_WAIT`]) until every page that was present is gone or re-backed.
-    /// Returns whether the zap was seen. MADV_FREE leaves pages mapped, so it runs to the
-    /// bound; nothing can go stale there until reclaim (a blind spot of its own).
-    fn wait_for_zap(&self) -> bool {
-        let Some(&(last, _)) = self.present.last() else {
-            return false;
-        };
-        let deadline = Instant::now() + ZAP_WAIT;
-        loop {
-            if let Ok(now) = crate::pagemap::entries(self.start, last + 1) {
-                let zapped = self.present.iter().all(|&(i, pfn)| {
-                    let e = now[i];
-                    !e.present() || (pfn.is_some() && e.pfn() != pfn)
-                });
-                if zapped {
-                    return true;
-                }
-            } else {
-                return false;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            thread::yield_now();
-        }
-    }
-}
-
-/// A private anonymous page owned by the watcher, unmapped on drop.
-struct Scratch(usize);
-
-impl Scratch {
-    fn new() -> Result<Scratch> {
-        // SAFETY: a fresh private anonymous page at an address of the kernel's choosing.
-        let p = unsafe {
-            rustix::mm::mmap_anonymous(
-                std::ptr::null_mut(),
-                sys::page_size() as usize,
-                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                rustix::mm::MapFlags::PRIVATE,
-            )
-        }
-        .map_err(|e| Error::syscall("mmap", e))?;
-        Ok(Scratch(p as usize))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        // SAFETY: the page was mapped by `Scratch::new` and nothing else refers to it.
-        unsafe { libc::munmap(self.0 as *mut libc::c_void, sys::page_size() as usize) };
-    }
 }
 
 impl std::fmt::Debug for Core {
@@ -530,7 +426,8 @@ impl Watcher {
     /// unregistered), what was read is delivered, the `Mm` is released, the threads are joined
     /// (unless called from a callback). Afterwards every call on any handle fails with
     /// [`Error::ShutDown`], and [`Watcher::get`] creates a new watcher. Calling it twice is
-    /// harmless.
+    /// harmless. Like `Mm::release`, it waits for the subscribers' release callbacks: do not
+    /// call it (or drop the last handle) while holding a lock those callbacks take.
     pub fn shutdown(&self) {
         self.core().shutdown();
     }
@@ -687,7 +584,7 @@ impl Core {
         Ok(core)
     }
 
-    fn poke(&self) {
+    pub(crate) fn poke(&self) {
         let _ = rustix::io::write(&self.wake_fd, &1u64.to_ne_bytes());
     }
 
@@ -713,7 +610,7 @@ impl Core {
 
     /// Closes the userfaultfd: unregisters everything and releases every waiting unmapper.
     /// When the number no longer names our file, it is forgotten, not closed.
-    fn close_uffd(&self, ours: bool) {
+    pub(crate) fn close_uffd(&self, ours: bool) {
         let mut slot = self.uffd.write();
         if let Some(fd) = slot.take() {
             if ours {
@@ -722,95 +619,6 @@ impl Core {
                 std::mem::forget(fd);
             }
         }
-    }
-
-    fn deliver(&self, start: u64, end: u64, event: Event) {
-        self.deliver_then(start, end, event, || {});
-    }
-
-    /// Delivers one invalidation; `before_end` runs between the start (every callback done)
-    /// and the end (overlapping `read_begin`s wait until then).
-    fn deliver_then(&self, start: u64, end: u64, event: Event, before_end: impl FnOnce()) {
-        let Ok(range) = Range::new(start, end) else {
-            return;
-        };
-        let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
-            match self.mm.invalidate_start(range, event) {
-                Ok(guard) => {
-                    before_end();
-                    guard.end()
-                }
-                Err(e) => {
-                    tracing::warn!(target: "mmnotify_uffd", %e, "invalidation refused");
-                }
-            }
-        }));
-        self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
-        if outcome.is_err() {
-            self.counters
-                .callback_panics
-                .fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn deliver_msg(&self, msg: Msg) {
-        match msg {
-            Msg::Unmap { start, end } => self.deliver(start, end, Event::Unmap),
-            // REMOVE is sent before the zap, which madvise performs after re-taking
-            // mmap_lock for reading once the message was read. Keep the invalidation open
-            // across a write-lock fence so that fills starting after it see the zapped
-            // range (U4 in docs/SEMANTICS.md, with its residual window).
-            Msg::Remove { start, end } => {
-                let before = ZapWatch::snapshot(start, end);
-                self.deliver_then(start, end, Event::Clear, || {
-                    before.wait_for_zap();
-                    self.mmap_lock_fence();
-                })
-            }
-            Msg::Remap { from, to, len } => {
-                // Listeners learn the new address first, so that a mirror can re-point its
-                // entries at `to` when it drops them from `from` (the engine's events carry
-                // no destination).
-                let hooks: Vec<RemapHook> = self.remap_hooks.lock().clone();
-                let remap = Remap { from, to, len };
-                for h in hooks {
-                    if panic::catch_unwind(AssertUnwindSafe(|| h(remap))).is_err() {
-                        self.counters
-                            .callback_panics
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                self.deliver(from, from.saturating_add(len), Event::Unmap)
-            }
-            Msg::Fork { .. } => self.deliver(0, u64::MAX, Event::ProtectionPage),
-            Msg::Other { .. } => {}
-        }
-    }
-
-    /// Waits until every thread that holds this process's `mmap_lock` for reading has released
-    /// it, by taking it for writing: `mprotect` of a private scratch page (which changes
-    /// nothing and sends no event) takes the write lock first.
-    fn mmap_lock_fence(&self) {
-        // SAFETY: the scratch page is ours, mapped read-write for the life of the Core;
-        // re-applying the same protection changes nothing.
-        unsafe {
-            libc::mprotect(
-                self.scratch.0 as *mut libc::c_void,
-                sys::page_size() as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-            )
-        };
-    }
-
-    fn count(&self, msg: &Msg) {
-        let c = match msg {
-            Msg::Unmap { .. } => &self.counters.unmaps,
-            Msg::Remove { .. } => &self.counters.removes,
-            Msg::Remap { .. } => &self.counters.remaps,
-            Msg::Fork { .. } => &self.counters.forks,
-            Msg::Other { .. } => &self.counters.others,
-        };
-        c.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -829,189 +637,32 @@ fn creation_error(e: io::Error) -> Error {
     }
 }
 
-/// On the reader's way out, whatever the path (return or panic): fail closed if it was not a
-/// shutdown, close the userfaultfd (releasing waiting unmappers), and tell the dispatcher.
-struct ReaderExit {
-    core: Arc<Core>,
-    reason: Option<FailReason>,
-    ours: bool,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl Drop for ReaderExit {
-    fn drop(&mut self) {
-        let reason = if thread::panicking() {
-            Some(FailReason::ReaderDied)
-        } else {
-            self.reason
-        };
-        if let Some(reason) = reason {
-            self.core.gate.fail(reason);
-        }
-        self.core.close_uffd(self.ours);
-        self.core.handoff.push(Item::Stop);
+    #[test]
+    fn creation_errors_say_which() {
+        let e = |n| creation_error(io::Error::from_raw_os_error(n));
+        assert!(matches!(e(libc::ENOSYS), Error::NoUserfaultfd));
+        assert!(matches!(e(libc::EPERM), Error::NotPermitted { .. }));
+        assert!(matches!(e(libc::EACCES), Error::NotPermitted { .. }));
+        assert!(matches!(
+            e(libc::EINVAL),
+            Error::KernelTooOld {
+                missing: "UFFD_USER_MODE_ONLY",
+                ..
+            }
+        ));
+        assert!(matches!(e(libc::EMFILE), Error::Syscall { .. }));
+        assert!(e(libc::ENOSYS).to_string().contains("no userfaultfd"));
     }
-}
 
-fn reader_main(core: Arc<Core>, ready: std::sync::mpsc::Sender<()>) {
-    let mut exit = ReaderExit {
-        core: Arc::clone(&core),
-        reason: None,
-        ours: true,
-    };
-    let mut buf = vec![0u8; sys::MSG_SIZE * core.options.read_batch.max(1)];
-    let timeout = rustix::event::Timespec {
-        tv_sec: HEARTBEAT.as_secs() as _,
-        tv_nsec: HEARTBEAT.subsec_nanos() as _,
-    };
-    let _ = ready.send(());
-    drop(ready);
-    // SAFETY: the descriptor stays open until this thread closes it in `ReaderExit`, after
-    // the loop; nobody else closes it (close_uffd is only called from here).
-    let uffd = unsafe { sys::borrow_raw(core.raw_fd) };
-    loop {
-        let mut fds = [
-            PollFd::new(&uffd, PollFlags::IN),
-            PollFd::new(&core.wake_fd, PollFlags::IN),
-        ];
-        match rustix::event::poll(&mut fds, Some(&timeout)) {
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => {
-                exit.reason = Some(FailReason::UffdError {
-                    errno: e.raw_os_error(),
-                });
-                return;
-            }
-        }
-        let uffd_ev = fds[0].revents();
-        let wake_ev = fds[1].revents();
-        if !wake_ev.is_empty() {
-            let mut b = [0u8; 8];
-            let _ = rustix::io::read(&core.wake_fd, &mut b);
-            if core.inject.swap(INJECT_NONE, Ordering::SeqCst) == INJECT_KILL {
-                panic!("mmnotify-uffd: reader killed by fault injection");
-            }
-            if core.gate.health() != Health::Running {
-                return;
-            }
-        }
-        if uffd_ev.intersects(PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL) {
-            exit.reason = Some(if uffd_ev.contains(PollFlags::NVAL) {
-                exit.ours = false;
-                FailReason::UffdLost
-            } else {
-                FailReason::UffdError { errno: libc::EIO }
-            });
-            return;
-        }
-        if uffd_ev.contains(PollFlags::IN) {
-            // Open the batch *before* reading: an unmapper released by this read can only
-            // return after the increment is visible (U2).
-            let batch = core.gate.open_batch();
-            let mut first = true;
-            loop {
-                match sys::read_msgs(uffd, &mut buf) {
-                    Ok(0) => {
-                        // Readable but nothing to read: a userfaultfd answers EAGAIN (0 here)
-                        // only after a race with another reader; a number that now names
-                        // another file (end of file at once, e.g. /dev/null) is caught here
-                        // rather than spinning.
-                        if first && sys::identity(uffd).ok() != Some(core.identity) {
-                            core.handoff.push(Item::End(batch));
-                            exit.ours = false;
-                            exit.reason = Some(FailReason::UffdLost);
-                            return;
-                        }
-                        break;
-                    }
-                    Ok(n) => {
-                        for chunk in buf[..n].chunks_exact(sys::MSG_SIZE) {
-                            let mut m = [0u8; sys::MSG_SIZE];
-                            m.copy_from_slice(chunk);
-                            let msg = sys::decode(&m);
-                            if let Msg::Fork { fd } = msg {
-                                // Never leave the child's userfaultfd unread: closing it drops
-                                // the child's registrations and frees any waiter there.
-                                let _ = unsafe_close(fd);
-                            }
-                            core.count(&msg);
-                            core.handoff.push(Item::Msg(msg));
-                        }
-                        first = false;
-                        if n < buf.len() {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        core.handoff.push(Item::End(batch));
-                        exit.reason = Some(FailReason::UffdError {
-                            errno: e.raw_os_error().unwrap_or(libc::EIO),
-                        });
-                        return;
-                    }
-                }
-            }
-            core.handoff.push(Item::End(batch));
-        } else if uffd_ev.is_empty() && wake_ev.is_empty() {
-            // Heartbeat: is the number still our userfaultfd?
-            if sys::identity(uffd).ok() != Some(core.identity) {
-                exit.ours = false;
-                exit.reason = Some(FailReason::UffdLost);
-                return;
-            }
-        }
-    }
-}
-
-fn unsafe_close(fd: i32) -> io::Result<()> {
-    // SAFETY: `fd` was just installed in our table by the kernel for the FORK message and is
-    // owned by nobody else; closing it once is its only use.
-    let r = unsafe { libc::close(fd) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// On the dispatcher's way out by panic (a bug: callbacks' panics are caught), fail closed.
-struct DispatcherExit {
-    core: Arc<Core>,
-}
-
-impl Drop for DispatcherExit {
-    fn drop(&mut self) {
-        if thread::panicking() {
-            self.core.gate.fail(FailReason::DispatcherDied);
-        }
-    }
-}
-
-fn dispatcher_main(core: Arc<Core>) {
-    gate::mark_dispatcher_thread();
-    let _exit = DispatcherExit {
-        core: Arc::clone(&core),
-    };
-    loop {
-        match core.handoff.pop() {
-            Item::Msg(m) => core.deliver_msg(m),
-            Item::End(n) => core.gate.close_batch(n),
-            Item::Overflow { start, end, upto } => {
-                if start < end {
-                    core.deliver(start, end, Event::Unmap);
-                }
-                if upto > 0 {
-                    core.gate.close_batch(upto);
-                }
-            }
-            Item::Stop => break,
-        }
-    }
-    // The watcher no longer sees this address space: every mirror built on it must go.
-    let released = panic::catch_unwind(AssertUnwindSafe(|| core.mm.release()));
-    if !matches!(released, Ok(Ok(()))) {
-        core.counters
-            .callback_panics
-            .fetch_add(1, Ordering::Relaxed);
+    #[test]
+    fn handles_are_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Watcher>();
+        check::<WatchedInterval>();
+        check::<crate::WatchSeq>();
     }
 }

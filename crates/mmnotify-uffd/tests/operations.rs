@@ -269,11 +269,11 @@ fn mremap_move_remaps_and_the_registration_follows() {
     let remaps = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = remaps.clone();
     w.on_remap(move |m| seen.lock().unwrap().push(m));
+    // An unwatched reservation of ours is the target: MREMAP_FIXED replaces it (and never
+    // anybody else's mapping, as a freed spot could be taken meanwhile).
     let hole = map_anon(8);
-    // SAFETY: unmapping our reservation to get a free spot.
-    unsafe { libc::munmap(hole as *mut c_void, 8 * ps()) };
     let target = hole as u64 + 2 * ps() as u64;
-    // SAFETY: moving our own mapping to a free spot.
+    // SAFETY: moving our own mapping over our own reservation.
     let p = unsafe {
         libc::mremap(
             r.ptr(),
@@ -821,4 +821,74 @@ fn blind_spot_copy_on_write_after_fork_is_a_documented_miss() {
         1,
         "the documented miss: the frame changed, no event"
     );
+}
+
+/// A classic subscriber that logs starts and ends.
+#[derive(Default)]
+struct Classic {
+    log: std::sync::Mutex<Vec<(&'static str, u64, u64, Event)>>,
+    watch: (u64, u64),
+}
+
+impl mmnotify::Subscriber for Classic {
+    fn capabilities(&self) -> mmnotify::Capabilities {
+        mmnotify::Capabilities::new().with_start().with_end()
+    }
+    fn invalidate_range_start(
+        &self,
+        inv: &mmnotify::Invalidation,
+    ) -> Result<(), mmnotify::Refused> {
+        let r = inv.range();
+        if r.start() < self.watch.1 && self.watch.0 < r.end() {
+            self.log
+                .lock()
+                .unwrap()
+                .push(("start", r.start(), r.end(), inv.event()));
+        }
+        Ok(())
+    }
+    fn invalidate_range_end(&self, inv: &mmnotify::Invalidation) {
+        let r = inv.range();
+        if r.start() < self.watch.1 && self.watch.0 < r.end() {
+            self.log
+                .lock()
+                .unwrap()
+                .push(("end", r.start(), r.end(), inv.event()));
+        }
+    }
+}
+
+#[test]
+fn classic_subscribers_get_paired_start_and_end() {
+    let _serial = serial();
+    let w = watcher();
+    let p = map_anon(4) as u64;
+    let end = p + 4 * ps() as u64;
+    let _ = w.watch(p, 4 * ps() as u64).unwrap();
+    let sub = std::sync::Arc::new(Classic {
+        watch: (p, end),
+        ..Default::default()
+    });
+    let id = w.mm().register(sub.clone()).unwrap();
+    // SAFETY: the test owns the region.
+    unsafe {
+        assert_eq!(
+            libc::madvise(p as *mut c_void, ps(), libc::MADV_DONTNEED),
+            0
+        );
+        assert_eq!(libc::munmap(p as *mut c_void, 4 * ps()), 0);
+    }
+    w.synchronize(Duration::from_secs(10)).unwrap();
+    let log = sub.log.lock().unwrap().clone();
+    let q = p + ps() as u64;
+    assert_eq!(
+        log,
+        vec![
+            ("start", p, q, Event::Clear),
+            ("end", p, q, Event::Clear),
+            ("start", p, end, Event::Unmap),
+            ("end", p, end, Event::Unmap),
+        ]
+    );
+    w.mm().unregister(id).unwrap();
 }
