@@ -14,12 +14,13 @@ use crate::sync::{Condvar, Mutex};
 use std::collections::VecDeque;
 
 use crate::sys::Msg;
+use crate::zap::ZapProbe;
 
 /// One unit of work for the dispatcher.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Item {
-    /// A message of the batch being read.
-    Msg(Msg),
+    /// A message of the batch being read, with the REMOVE's zap probe (U4).
+    Msg(Msg, Option<ZapProbe>),
     /// Every message of batch `n` was pushed before this.
     End(u64),
     /// The coalesced messages of an overflow: invalidate `[start, end)` (if non-empty), then
@@ -81,7 +82,7 @@ impl Handoff {
             }
             let o = r.overflow.get_or_insert((u64::MAX, 0, 0));
             match item {
-                Item::Msg(m) => {
+                Item::Msg(m, _) => {
                     if let Some((s, e)) = span_of(&m) {
                         o.0 = o.0.min(s);
                         o.1 = o.1.max(e);
@@ -128,31 +129,43 @@ mod tests {
     #[test]
     fn overflow_folds_in_order_and_keeps_the_newest_batch() {
         let h = Handoff::new(4);
-        h.push(Item::Msg(Msg::Unmap {
-            start: 0x1000,
-            end: 0x2000,
-        }));
+        h.push(Item::Msg(
+            Msg::Unmap {
+                start: 0x1000,
+                end: 0x2000,
+            },
+            None,
+        ));
         h.push(Item::End(1));
-        h.push(Item::Msg(Msg::Remove {
-            start: 0x5000,
-            end: 0x6000,
-        }));
+        h.push(Item::Msg(
+            Msg::Remove {
+                start: 0x5000,
+                end: 0x6000,
+            },
+            None,
+        ));
         h.push(Item::End(2));
         // Full: these fold.
-        h.push(Item::Msg(Msg::Unmap {
-            start: 0x9000,
-            end: 0xa000,
-        }));
-        h.push(Item::Msg(Msg::Remap {
-            from: 0x3000,
-            to: 0x7000,
-            len: 0x1000,
-        }));
+        h.push(Item::Msg(
+            Msg::Unmap {
+                start: 0x9000,
+                end: 0xa000,
+            },
+            None,
+        ));
+        h.push(Item::Msg(
+            Msg::Remap {
+                from: 0x3000,
+                to: 0x7000,
+                len: 0x1000,
+            },
+            None,
+        ));
         h.push(Item::End(3));
         h.push(Item::Stop);
-        assert!(matches!(h.pop(), Item::Msg(Msg::Unmap { .. })));
+        assert!(matches!(h.pop(), Item::Msg(Msg::Unmap { .. }, None)));
         assert_eq!(h.pop(), Item::End(1));
-        assert!(matches!(h.pop(), Item::Msg(Msg::Remove { .. })));
+        assert!(matches!(h.pop(), Item::Msg(Msg::Remove { .. }, None)));
         assert_eq!(h.pop(), Item::End(2));
         assert_eq!(
             h.pop(),

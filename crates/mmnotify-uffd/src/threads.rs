@@ -30,7 +30,7 @@ use crate::gate::{self, Health};
 use crate::handoff::Item;
 use crate::sys::{self, Msg};
 use crate::watcher::{Core, Remap, RemapHook};
-use crate::zap::ZapWatch;
+use crate::zap::{self, Prober, ZapProbe};
 
 pub(crate) const INJECT_NONE: u8 = 0;
 pub(crate) const INJECT_KILL: u8 = 1;
@@ -68,20 +68,18 @@ impl Core {
         }
     }
 
-    pub(crate) fn deliver_msg(&self, msg: Msg) {
+    pub(crate) fn deliver_msg(&self, msg: Msg, probe: Option<ZapProbe>) {
         match msg {
             Msg::Unmap { start, end } => self.deliver(start, end, Event::Unmap),
             // REMOVE is sent before the zap, which madvise performs after re-taking
             // mmap_lock for reading once the message was read. Keep the invalidation open
-            // across a write-lock fence so that fills starting after it see the zapped
-            // range (U4 in docs/SEMANTICS.md, with its residual window).
-            Msg::Remove { start, end } => {
-                let before = ZapWatch::snapshot(start, end);
-                self.deliver_then(start, end, Event::Clear, || {
-                    before.wait_for_zap();
-                    self.scratch.mmap_lock_fence();
-                })
-            }
+            // until the probed page is seen cleared, then across a write-lock fence, so that
+            // fills starting after it see the zapped range (zap.rs; U4 in docs/SEMANTICS.md,
+            // with its residual window).
+            Msg::Remove { start, end } => self.deliver_then(start, end, Event::Clear, || {
+                zap::wait_for_zap(probe, self.options.remove_settle);
+                self.scratch.mmap_lock_fence();
+            }),
             Msg::Remap { from, to, len } => {
                 // Listeners learn the new address first, so that a mirror can re-point its
                 // entries at `to` when it drops them from `from` (the engine's events carry
@@ -144,6 +142,7 @@ pub(crate) fn reader_main(core: Arc<Core>, ready: std::sync::mpsc::Sender<()>) {
         ours: true,
     };
     let mut buf = vec![0u8; sys::MSG_SIZE * core.options.read_batch.max(1)];
+    let mut prober = Prober::new();
     let timeout = rustix::event::Timespec {
         tv_sec: HEARTBEAT.as_secs() as _,
         tv_nsec: HEARTBEAT.subsec_nanos() as _,
@@ -219,8 +218,12 @@ pub(crate) fn reader_main(core: Arc<Core>, ready: std::sync::mpsc::Sender<()>) {
                                 // the child's registrations and frees any waiter there.
                                 let _ = unsafe_close(fd);
                             }
+                            let probe = match msg {
+                                Msg::Remove { start, end } => prober.probe(start, end),
+                                _ => None,
+                            };
                             core.count(&msg);
-                            core.handoff.push(Item::Msg(msg));
+                            core.handoff.push(Item::Msg(msg, probe));
                         }
                         first = false;
                         if n < buf.len() {
@@ -279,7 +282,7 @@ pub(crate) fn dispatcher_main(core: Arc<Core>) {
     };
     loop {
         match core.handoff.pop() {
-            Item::Msg(m) => core.deliver_msg(m),
+            Item::Msg(m, probe) => core.deliver_msg(m, probe),
             Item::End(n) => core.gate.close_batch(n),
             Item::Overflow { start, end, upto } => {
                 if start < end {

@@ -80,6 +80,11 @@ pub struct WatcherOptions {
     pub queue_capacity: usize,
     /// Messages read per `read(2)` (default 64).
     pub read_batch: usize,
+    /// How long the dispatcher holds a REMOVE's invalidation open waiting to see its zap
+    /// (default 10 ms; docs/SEMANTICS.md U4). Longer narrows the residual window of a
+    /// madvising thread that is not scheduled in time; each MADV_FREE of present pages (which
+    /// never zaps) holds the dispatcher this long.
+    pub remove_settle: Duration,
 }
 
 impl Default for WatcherOptions {
@@ -88,6 +93,7 @@ impl Default for WatcherOptions {
             fork_events: ForkEvents::Off,
             queue_capacity: 4096,
             read_batch: 64,
+            remove_settle: crate::zap::DEFAULT_SETTLE,
         }
     }
 }

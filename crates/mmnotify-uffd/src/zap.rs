@@ -9,19 +9,24 @@
 //! So the dispatcher keeps a REMOVE's invalidation open (callbacks done, end not yet sent, so
 //! overlapping `read_begin`s wait) until the zap is over:
 //!
-//! 1. [`ZapWatch::snapshot`]: which pages of the range were present when the message was taken
-//!    (with their frames where visible). If none was, the first page is made present by a read
-//!    populate, which changes no contents, so that the zap has something to clear.
-//! 2. [`ZapWatch::wait_for_zap`]: poll `/proc/self/pagemap` until every such page is gone or
-//!    backed by another frame: the madvising thread then holds `mmap_lock` for reading (or has
-//!    finished), because it clears pages only under it.
+//! 1. [`Prober::probe`], in the reader right after `read(2)` returned the message (the
+//!    madvising thread was only just woken by that read): one page of the range that is
+//!    present, with its frame where visible. If none is, the first page is made present by a
+//!    read populate, which changes no contents, so that the zap has something to clear.
+//! 2. [`wait_for_zap`], in the dispatcher with the invalidation started: poll
+//!    `/proc/self/pagemap` until that page is gone or backed by another frame: the madvising
+//!    thread then holds `mmap_lock` for reading (or has finished), because it clears pages only
+//!    under it.
 //! 3. [`Scratch::mmap_lock_fence`]: take `mmap_lock` for writing (`mprotect` of a private page,
 //!    which changes nothing and sends no event): it waits until that thread released the lock,
 //!    i.e. until its zap is complete.
 //!
-//! Step 2 is bounded by [`ZAP_WAIT`]: MADV_FREE never clears its pages (they stay mapped until
-//! reclaim, and nothing can go stale before that), and a madvising thread that is not scheduled
-//! for that long leaves a residual window, which docs/SEMANTICS.md U4 states.
+//! Step 2 is bounded by `WatcherOptions::remove_settle` (10 ms by default): MADV_FREE never
+//! clears its pages (they stay mapped until reclaim, and nothing can go stale before that), so
+//! each MADV_FREE of present pages holds the dispatcher that long; and a madvising thread that
+//! is not scheduled for that long after being woken leaves a residual window, which
+//! docs/SEMANTICS.md U4 states. The first 100 µs are spent yielding, the rest in 20 µs sleeps,
+//! so that a madvising thread that shares the dispatcher's CPU gets it.
 
 use std::thread;
 use std::time::{Duration, Instant};
@@ -29,76 +34,107 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::sys;
 
-/// How long the dispatcher waits to see a REMOVE's zap begin (U4).
-pub(crate) const ZAP_WAIT: Duration = Duration::from_millis(2);
-/// The most pages of a REMOVE range it watches for the zap.
-const ZAP_PAGES: u64 = 512;
+/// The default of `WatcherOptions::remove_settle`.
+pub(crate) const DEFAULT_SETTLE: Duration = Duration::from_millis(10);
+/// How long the wait spins (yielding) before it sleeps between looks.
+const SPIN: Duration = Duration::from_micros(100);
+/// The sleep between looks after that.
+const NAP: Duration = Duration::from_micros(20);
+/// The most pages of a REMOVE range the reader looks at for a present one.
+const PROBE_PAGES: usize = 512;
+const PRESENT: u64 = 1 << 63;
+const PFN_MASK: u64 = (1 << 55) - 1;
 
-/// What a REMOVE range looked like when its message was taken from the queue: which pages were
-/// present (and their frames, where visible). The zap that follows a REMOVE runs in the
-/// madvising thread after it re-takes `mmap_lock` for reading; once a page that was present is
-/// seen gone (or backed by another frame), that thread holds the lock or has finished, and a
-/// write-lock fence then waits for the zap to complete.
-pub(crate) struct ZapWatch {
-    start: u64,
-    present: Vec<(usize, Option<u64>)>,
+/// One page of a REMOVE range that was present when the reader read the message, and its
+/// frame (0 when hidden from this process). Once it is seen gone or re-backed, the madvising
+/// thread is inside its zap (it clears pages only under `mmap_lock`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ZapProbe {
+    page: u64,
+    pfn: u64,
 }
 
-impl ZapWatch {
-    pub(crate) fn snapshot(start: u64, end: u64) -> ZapWatch {
-        let ps = sys::page_size();
-        let pages = (end.saturating_sub(start) / ps).min(ZAP_PAGES) as usize;
-        let read = |pages| {
-            crate::pagemap::entries(start, pages)
-                .map(|es| {
-                    es.iter()
-                        .enumerate()
-                        .filter(|(_, e)| e.present())
-                        .map(|(i, e)| (i, e.pfn()))
-                        .collect::<Vec<_>>()
-                })
-                .unwrap_or_default()
-        };
-        let present = read(pages);
-        if !present.is_empty() || pages == 0 {
-            return ZapWatch { start, present };
-        }
-        // Nothing present: nothing would show the zap. Make the first page present without
-        // changing its contents (a read fault maps the zero page or the file's page); the zap
-        // clears it first, and the fence waits for the rest.
-        const MADV_POPULATE_READ: i32 = 22;
-        // SAFETY: populating for reading changes no contents; on a hole it fails harmlessly.
-        unsafe { libc::madvise(start as *mut libc::c_void, ps as usize, MADV_POPULATE_READ) };
-        ZapWatch {
-            start,
-            present: read(1),
+/// The reader's tool for taking a [`ZapProbe`] right after `read(2)` returned a REMOVE, before
+/// the madvising thread (only just woken by that read) can have reached its zap in most cases.
+/// Allocation-free after creation: the reader must not allocate (EVENT_FORK).
+pub(crate) struct Prober {
+    pagemap: Option<std::fs::File>,
+    buf: Box<[u8; PROBE_PAGES * 8]>,
+}
+
+impl Prober {
+    /// Opens `/proc/self/pagemap` (or gives up probing if it cannot).
+    pub(crate) fn new() -> Prober {
+        Prober {
+            pagemap: std::fs::File::open("/proc/self/pagemap").ok(),
+            buf: Box::new([0u8; PROBE_PAGES * 8]),
         }
     }
 
-    /// Waits (at most [`ZAP_WAIT`]) until every page that was present is gone or re-backed.
-    /// Returns whether the zap was seen. MADV_FREE leaves pages mapped, so it runs to the
-    /// bound; nothing can go stale there until reclaim (a blind spot of its own).
-    pub(crate) fn wait_for_zap(&self) -> bool {
-        let Some(&(last, _)) = self.present.last() else {
-            return false;
-        };
-        let deadline = Instant::now() + ZAP_WAIT;
-        loop {
-            if let Ok(now) = crate::pagemap::entries(self.start, last + 1) {
-                let zapped = self.present.iter().all(|&(i, pfn)| {
-                    let e = now[i];
-                    !e.present() || (pfn.is_some() && e.pfn() != pfn)
-                });
-                if zapped {
+    fn first_present(&mut self, start: u64, pages: usize) -> Option<ZapProbe> {
+        use std::os::unix::fs::FileExt;
+        let ps = sys::page_size();
+        let f = self.pagemap.as_ref()?;
+        let bytes = &mut self.buf[..pages * 8];
+        f.read_exact_at(bytes, start / ps * 8).ok()?;
+        bytes.chunks_exact(8).enumerate().find_map(|(i, c)| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            let e = u64::from_ne_bytes(w);
+            (e & PRESENT != 0).then_some(ZapProbe {
+                page: start + i as u64 * ps,
+                pfn: e & PFN_MASK,
+            })
+        })
+    }
+
+    /// A present page of `[start, end)`. If none is present, the first page is made present
+    /// without changing its contents (a read populate maps the zero page or the file's page),
+    /// so that the zap has something to clear.
+    pub(crate) fn probe(&mut self, start: u64, end: u64) -> Option<ZapProbe> {
+        let ps = sys::page_size();
+        let pages = (end.saturating_sub(start) / ps).min(PROBE_PAGES as u64) as usize;
+        if pages == 0 {
+            return None;
+        }
+        if let Some(p) = self.first_present(start, pages) {
+            return Some(p);
+        }
+        const MADV_POPULATE_READ: i32 = 22;
+        // SAFETY: populating for reading changes no contents; on a hole it fails harmlessly.
+        unsafe { libc::madvise(start as *mut libc::c_void, ps as usize, MADV_POPULATE_READ) };
+        self.first_present(start, 1)
+    }
+}
+
+/// Waits (at most `bound`) until the probed page is gone or backed by another frame; returns
+/// whether it was seen. MADV_FREE leaves pages mapped, so it runs to the bound; nothing can
+/// go stale there until reclaim (a blind spot of its own).
+pub(crate) fn wait_for_zap(probe: Option<ZapProbe>, bound: Duration) -> bool {
+    let Some(probe) = probe else {
+        return false;
+    };
+    let begun = Instant::now();
+    let deadline = begun + bound;
+    loop {
+        match crate::pagemap::entry(probe.page) {
+            Ok(e) => {
+                let gone = !e.present();
+                let rebacked = probe.pfn != 0 && e.pfn().is_some_and(|p| p != probe.pfn);
+                if gone || rebacked {
                     return true;
                 }
-            } else {
-                return false;
             }
-            if Instant::now() >= deadline {
-                return false;
-            }
+            Err(_) => return false,
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        if now - begun < SPIN {
             thread::yield_now();
+        } else {
+            thread::sleep(NAP);
         }
     }
 }

@@ -234,8 +234,23 @@ pub fn run_child(
     pre_exec_drop_to_nobody: bool,
 ) -> (bool, String) {
     use std::os::unix::process::CommandExt;
-    let exe = std::env::current_exe().unwrap();
-    let mut cmd = Command::new(exe);
+    let mut exe = std::env::current_exe().unwrap();
+    let mut copy_dir = None;
+    if pre_exec_drop_to_nobody {
+        // The unprivileged child must be able to reach and execute the binary: a clone under a
+        // private home directory would not let it. Run a world-readable copy from the temp dir.
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("mmnotify-uffd-child-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let copy = dir.join("test-binary");
+        std::fs::copy(&exe, &copy).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        exe = copy;
+        copy_dir = Some(dir);
+    }
+    let mut cmd = Command::new(&exe);
+    cmd.current_dir("/");
     cmd.args([
         test,
         "--exact",
@@ -278,6 +293,9 @@ pub fn run_child(
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = child.wait_with_output().unwrap();
+    if let Some(dir) = copy_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
