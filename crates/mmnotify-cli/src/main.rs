@@ -6,6 +6,9 @@
 //! * `mmnotify torture` runs random concurrent operations with injected refusals, delays and
 //!   panics, checks the oracle at quiet points, and shrinks any failure to a short history.
 //! * `mmnotify bench` measures the fast paths against baselines.
+//! * `mmnotify watch` (Linux) performs every row of the userfaultfd operation table on this
+//!   process's own memory and shows what the watcher delivered and whether a mirror stayed
+//!   coherent with the page tables.
 
 use std::process::ExitCode;
 
@@ -15,6 +18,10 @@ mod bench;
 mod demo;
 mod torture;
 mod trace;
+#[cfg(target_os = "linux")]
+mod watch;
+#[cfg(target_os = "linux")]
+mod watch_bench;
 
 /// MMU notifiers for userspace: demos and measurements of the mmnotify engine.
 #[derive(Debug, Parser)]
@@ -32,6 +39,10 @@ enum Command {
     Torture(torture::TortureArgs),
     /// Measure the notifier fast paths against naive baselines; print a table, write SVG charts.
     Bench(bench::BenchArgs),
+    /// Real memory (Linux): every unmap/madvise/remap path on this process's own pages, the
+    /// events the watcher delivered, their latency, and whether a mirror stayed coherent.
+    #[cfg(target_os = "linux")]
+    Watch(watch::WatchArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +51,8 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Torture(args) => torture::run(&args),
         Command::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
+        #[cfg(target_os = "linux")]
+        Command::Watch(args) => watch::run(&args),
     };
     match result {
         Ok(code) => code,
