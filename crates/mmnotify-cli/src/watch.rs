@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use mmnotify::{Event, IntervalCtx, IntervalSubscriber, Invalidate, Invalidation};
+use mmnotify::{Event, IntervalCtx, IntervalSubscriber, Invalidate, Invalidation, Range};
 use mmnotify_uffd::pagemap::{self, Frame};
 use mmnotify_uffd::{maps, WatchedInterval, Watcher};
 
@@ -178,8 +178,9 @@ fn mirror_region(w: &Watcher, base: u64, pages: u64, keep: bool) -> Result<Regio
         keep_entries: keep,
         ..FrameMirror::default()
     });
+    let range = Range::from_len(base, len).map_err(|e| Outcome::Failed(format!("range: {e}")))?;
     let iv = w
-        .insert_interval(base, len, mirror.clone())
+        .insert_interval(range, mirror.clone())
         .map_err(|e| Outcome::Failed(format!("insert_interval: {e}")))?;
     let region = Region {
         base,

@@ -48,7 +48,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use linux_raw_sys::general as uapi;
-use mmnotify::{IntervalCtx, IntervalSubscriber, Invalidate, Invalidation};
+use mmnotify::{IntervalCtx, IntervalSubscriber, Invalidate, Invalidation, Range};
 use mmnotify_bench::suite::{Baseline, Config, Row, TargetCheck, Unit, Verdict};
 use mmnotify_uffd::{WatchedInterval, Watcher};
 use rustix::event::{PollFd, PollFlags};
@@ -454,7 +454,10 @@ fn observe(
             if n == 1 {
                 out.push(
                     o.watcher
-                        .insert_interval(base, len, Arc::clone(&sub))
+                        .insert_interval(
+                            Range::from_len(base, len).map_err(|e| e.to_string())?,
+                            Arc::clone(&sub),
+                        )
                         .map_err(|e| e.to_string())?,
                 );
             } else {
@@ -462,7 +465,11 @@ fn observe(
                 for j in 0..n as u64 {
                     out.push(
                         o.watcher
-                            .insert_interval(base + j * piece_len(), piece_len(), Arc::clone(&sub))
+                            .insert_interval(
+                                Range::from_len(base + j * piece_len(), piece_len())
+                                    .map_err(|e| e.to_string())?,
+                                Arc::clone(&sub),
+                            )
                             .map_err(|e| e.to_string())?,
                     );
                 }
