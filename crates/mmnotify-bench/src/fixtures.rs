@@ -202,8 +202,11 @@ impl IntervalFixture {
         for i in 0..n {
             let (start, last) = interval_bounds(i);
             handles.push(
-                mm.insert_interval(start, LEN, Arc::clone(&sub))
-                    .expect("insert_interval"),
+                mm.insert_interval(
+                    Range::from_len(start, LEN).expect("range"),
+                    Arc::clone(&sub),
+                )
+                .expect("insert_interval"),
             );
             naive.insert(start, last, naive_sub.clone());
         }
@@ -266,10 +269,16 @@ impl ReadFixture {
     pub fn new() -> Self {
         let mm = Mm::new();
         let handle = mm
-            .insert_interval(0x10_0000, LEN, Arc::new(NoopInterval))
+            .insert_interval(
+                Range::from_len(0x10_0000, LEN).expect("range"),
+                Arc::new(NoopInterval),
+            )
             .expect("insert_interval");
         let _other = mm
-            .insert_interval(0x4000_0000, LEN, Arc::new(NoopInterval))
+            .insert_interval(
+                Range::from_len(0x4000_0000, LEN).expect("range"),
+                Arc::new(NoopInterval),
+            )
             .expect("insert_interval");
         ReadFixture {
             mm,
@@ -312,7 +321,10 @@ pub fn naive_register_unregister(d: &NaiveDispatcher) {
 pub fn insert_remove(mm: &Mm, i: u64) {
     let (_, last) = interval_bounds(i);
     let h = mm
-        .insert_interval(last + 1, LEN, Arc::new(NoopInterval))
+        .insert_interval(
+            Range::from_len(last + 1, LEN).expect("range"),
+            Arc::new(NoopInterval),
+        )
         .expect("insert_interval");
     mm.remove_interval(&h).expect("remove_interval");
 }

@@ -212,6 +212,23 @@ fn loadavg() -> String {
         .unwrap_or_else(|_| "unknown".to_string())
 }
 
+impl Machine {
+    /// This machine now (`load_after` left empty, for the caller to fill when the run ends).
+    pub fn current() -> Machine {
+        Machine {
+            nproc: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpu_model: cpu_model(),
+            load_before: loadavg(),
+            load_after: String::new(),
+        }
+    }
+
+    /// `/proc/loadavg` now.
+    pub fn loadavg() -> String {
+        loadavg()
+    }
+}
+
 /// Everything one run measured.
 #[derive(Debug, Clone)]
 pub struct Report {

@@ -29,7 +29,8 @@ fn queries_hit_exactly_the_named_number_of_intervals() {
     let naive = NaiveIntervals::default();
     for i in 0..n {
         let (start, last) = interval_bounds(i);
-        mm.insert_interval(start, LEN, counter.clone()).unwrap();
+        mm.insert_interval(Range::from_len(start, LEN).unwrap(), counter.clone())
+            .unwrap();
         naive.insert(
             start,
             last,

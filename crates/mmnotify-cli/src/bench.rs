@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use mmnotify_bench::alloc::CountingAlloc;
-use mmnotify_bench::suite::{self, Config, Report, Unit};
+use mmnotify_bench::suite::{self, Config, Machine, Report, Unit};
 use plotters::prelude::*;
 
 /// Counts heap allocations per thread, so that the run can check the zero-allocation target
@@ -28,6 +28,22 @@ pub(crate) struct BenchArgs {
     /// Where to write the SVG charts and results.md.
     #[arg(long, value_name = "DIR", default_value = "docs/perf")]
     pub(crate) out: PathBuf,
+    /// Which benchmarks: the engine's fast paths, the userfaultfd watcher on real memory
+    /// (Linux), or both.
+    #[arg(long, value_enum, default_value_t = Group::All)]
+    pub(crate) group: Group,
+}
+
+/// A group of benchmarks.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Group {
+    /// Both groups.
+    All,
+    /// The engine's fast paths against naive baselines.
+    Engine,
+    /// munmap / madvise / mremap on memory the userfaultfd watcher watches, against unwatched
+    /// memory and a bare userfaultfd reader (Linux).
+    Watch,
 }
 
 /// Runs the benchmarks, prints the table, writes the charts.
@@ -37,11 +53,23 @@ pub(crate) struct BenchArgs {
 /// A message if the output directory or a chart cannot be written.
 pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
     let config = Config { quick: args.quick };
+    if args.group != Group::Watch {
+        run_engine(args, &config)?;
+    }
+    if args.group != Group::Engine {
+        run_watch(args, &config)?;
+    }
+    Ok(())
+}
+
+/// The engine group: the table, the charts, results.md and the results section of
+/// docs/PERFORMANCE.md.
+fn run_engine(args: &BenchArgs, config: &Config) -> Result<(), String> {
     eprintln!(
         "mmnotify bench{}: every figure is timed next to its baseline in this process",
         if args.quick { " --quick" } else { "" }
     );
-    let report = suite::run(&config, &mut |step| eprintln!("  {step}"));
+    let report = suite::run(config, &mut |step| eprintln!("  {step}"));
     print!("{}", text_table(&report));
     std::fs::create_dir_all(&args.out)
         .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
@@ -50,11 +78,11 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
     let results = args.out.join("results.md");
     intervals_chart(&report, &intervals)?;
     scaling_chart(&report, &scaling)?;
-    let table = markdown(&report);
+    let table = markdown(&report, "bench");
     std::fs::write(&results, &table)
         .map_err(|e| format!("cannot write {}: {e}", results.display()))?;
     if !args.quick {
-        if let Some(doc) = update_performance_doc(&args.out, &table)? {
+        if let Some(doc) = update_performance_doc(&args.out, &table, BEGIN, END)? {
             println!("updated the results section of {}", doc.display());
         }
     }
@@ -65,6 +93,57 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
         results.display(),
         report.elapsed.as_secs_f64()
     );
+    Ok(())
+}
+
+/// The watcher group (see `watch_bench`): its table, `watch.md`, and its section of
+/// docs/PERFORMANCE.md.
+#[cfg(target_os = "linux")]
+fn run_watch(args: &BenchArgs, config: &Config) -> Result<(), String> {
+    let began = std::time::Instant::now();
+    let machine = Machine::current();
+    eprintln!(
+        "mmnotify bench{} (watch group): each call on watched memory is timed next to the same call on unwatched memory and with a bare userfaultfd reader",
+        if args.quick { " --quick" } else { "" }
+    );
+    let group = crate::watch_bench::run(config, &mut |step| eprintln!("  {step}"))?;
+    let report = Report {
+        quick: args.quick,
+        machine: Machine {
+            load_after: Machine::loadavg(),
+            ..machine
+        },
+        rows: group.rows,
+        intervals: Vec::new(),
+        scaling: Vec::new(),
+        targets: group.targets,
+        elapsed: began.elapsed(),
+    };
+    print!("{}", text_table(&report));
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
+    let path = args.out.join("watch.md");
+    let table = markdown(&report, "bench --group watch");
+    std::fs::write(&path, &table).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    if !args.quick {
+        if let Some(doc) = update_performance_doc(&args.out, &table, WATCH_BEGIN, WATCH_END)? {
+            println!("updated the watcher section of {}", doc.display());
+        }
+    }
+    println!(
+        "\nwrote {} ({:.1} s)",
+        path.display(),
+        report.elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn run_watch(args: &BenchArgs, _config: &Config) -> Result<(), String> {
+    if args.group == Group::Watch {
+        return Err("the watcher benchmarks need Linux (userfaultfd)".into());
+    }
+    eprintln!("mmnotify bench: the watch group needs Linux; skipped");
     Ok(())
 }
 
@@ -143,16 +222,18 @@ fn text_table(r: &Report) -> String {
     s
 }
 
-/// Markdown would read `RwLock<Vec<...>>` as HTML tags.
+/// Markdown would read `RwLock<Vec<...>>` as HTML tags, and `MAYMOVE|FIXED` as a column break.
 fn html_escape(s: &str) -> String {
-    s.replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('|', "\\|")
 }
 
-fn markdown(r: &Report) -> String {
+fn markdown(r: &Report, command: &str) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "<!-- Written by `cargo run --release -- bench{}`; do not edit by hand. -->\n",
+        "<!-- Written by `cargo run --release -- {command}{}`; do not edit by hand. -->\n",
         if r.quick { " --quick" } else { "" }
     );
     let _ = writeln!(s, "Machine: {}.\n", machine_line(r));
@@ -196,24 +277,35 @@ fn markdown(r: &Report) -> String {
 /// Markers around the generated part of docs/PERFORMANCE.md.
 const BEGIN: &str = "<!-- bench-results:begin -->";
 const END: &str = "<!-- bench-results:end -->";
+/// Markers around the watcher group's generated part of docs/PERFORMANCE.md.
+#[cfg(target_os = "linux")]
+const WATCH_BEGIN: &str = "<!-- bench-watch:begin -->";
+#[cfg(target_os = "linux")]
+const WATCH_END: &str = "<!-- bench-watch:end -->";
 
-/// Replaces the text between [`BEGIN`] and [`END`] in `PERFORMANCE.md` beside the output
-/// directory (docs/PERFORMANCE.md for the default `docs/perf`) with `table`, if that file
-/// exists and has both markers. Returns the path it updated.
-fn update_performance_doc(out: &Path, table: &str) -> Result<Option<PathBuf>, String> {
+/// Replaces the text between `begin` and `end` (e.g. [`BEGIN`] and [`END`]) in
+/// `PERFORMANCE.md` beside the output directory (docs/PERFORMANCE.md for the default
+/// `docs/perf`) with `table`, if that file exists and has both markers. Returns the path it
+/// updated.
+fn update_performance_doc(
+    out: &Path,
+    table: &str,
+    begin: &str,
+    end: &str,
+) -> Result<Option<PathBuf>, String> {
     let Some(doc) = out.parent().map(|p| p.join("PERFORMANCE.md")) else {
         return Ok(None);
     };
     let Ok(text) = std::fs::read_to_string(&doc) else {
         return Ok(None);
     };
-    let (Some(b), Some(e)) = (text.find(BEGIN), text.find(END)) else {
+    let (Some(b), Some(e)) = (text.find(begin), text.find(end)) else {
         return Ok(None);
     };
     if e < b {
         return Ok(None);
     }
-    let updated = format!("{}{BEGIN}\n{table}{}", &text[..b], &text[e..]);
+    let updated = format!("{}{begin}\n{table}{}", &text[..b], &text[e..]);
     std::fs::write(&doc, updated).map_err(|e| format!("cannot write {}: {e}", doc.display()))?;
     Ok(Some(doc))
 }

@@ -6,6 +6,9 @@
 //! * `mmnotify torture` runs random concurrent operations with injected refusals, delays and
 //!   panics, checks the oracle at quiet points, and shrinks any failure to a short history.
 //! * `mmnotify bench` measures the fast paths against baselines.
+//! * `mmnotify watch` (Linux) performs every row of the userfaultfd operation table on this
+//!   process's own memory and shows what the watcher delivered and whether a mirror stayed
+//!   coherent with the page tables.
 
 use std::process::ExitCode;
 
@@ -13,9 +16,14 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+#[cfg(target_os = "linux")]
 mod rcache_check;
 mod torture;
 mod trace;
+#[cfg(target_os = "linux")]
+mod watch;
+#[cfg(target_os = "linux")]
+mod watch_bench;
 
 /// MMU notifiers for userspace: demos and measurements of the mmnotify engine.
 #[derive(Debug, Parser)]
@@ -33,7 +41,12 @@ enum Command {
     Torture(torture::TortureArgs),
     /// Measure the notifier fast paths against naive baselines; print a table, write SVG charts.
     Bench(bench::BenchArgs),
+    /// Real memory (Linux): every unmap/madvise/remap path on this process's own pages, the
+    /// events the watcher delivered, their latency, and whether a mirror stayed coherent.
+    #[cfg(target_os = "linux")]
+    Watch(watch::WatchArgs),
     /// Print the registration cache's stale-address matrix on real memory (exit 1 on a stale hit).
+    #[cfg(target_os = "linux")]
     RcacheCheck(rcache_check::RcacheCheckArgs),
 }
 
@@ -43,6 +56,9 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Torture(args) => torture::run(&args),
         Command::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
+        #[cfg(target_os = "linux")]
+        Command::Watch(args) => watch::run(&args),
+        #[cfg(target_os = "linux")]
         Command::RcacheCheck(args) => rcache_check::run(&args),
     };
     match result {

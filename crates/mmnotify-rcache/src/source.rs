@@ -99,14 +99,12 @@ impl EventSource {
         subscriber: Arc<dyn IntervalSubscriber>,
     ) -> Result<SourceInterval> {
         Ok(match self {
-            EventSource::Watcher(w) => SourceInterval::Watched(
-                w.insert_interval(range.start(), range.len(), subscriber)?,
-                w.clone(),
-            ),
-            EventSource::Mm(mm) => SourceInterval::Plain(
-                mm.insert_interval(range.start(), range.len(), subscriber)?,
-                mm.clone(),
-            ),
+            EventSource::Watcher(w) => {
+                SourceInterval::Watched(w.insert_interval(range.engine(), subscriber)?, w.clone())
+            }
+            EventSource::Mm(mm) => {
+                SourceInterval::Plain(mm.insert_interval(range.engine(), subscriber)?, mm.clone())
+            }
         })
     }
 }
@@ -158,8 +156,8 @@ impl SourceInterval {
     #[inline]
     pub(crate) fn check_retry(&self, seq: &SourceSeq) -> bool {
         match (self, seq) {
-            (SourceInterval::Watched(i, _), SourceSeq::Watched(s)) => i.check_retry(s),
-            (SourceInterval::Plain(h, _), SourceSeq::Plain(s)) => h.check_retry(s),
+            (SourceInterval::Watched(i, _), SourceSeq::Watched(s)) => i.check_retry(*s),
+            (SourceInterval::Plain(h, _), SourceSeq::Plain(s)) => h.check_retry(*s),
             _ => true,
         }
     }

@@ -284,8 +284,10 @@ impl SimMm {
             Arc::clone(&self.log),
         ));
         let counts = wrapper.counts();
-        let handle = self.mm.insert_interval(start, len, wrapper)?;
-        let (start, last) = handle.bounds();
+        let handle = self
+            .mm
+            .insert_interval(Range::from_len(start, len)?, wrapper)?;
+        let (start, last) = (handle.range().start(), handle.range().last());
         self.registry.lock().push(Registered {
             name: name.to_owned(),
             kind: SubscriberKind::Interval {

@@ -9,6 +9,7 @@
 //!
 //! Run: `cargo bench -p mmnotify-uffd --bench fast_path`.
 
+use mmnotify::Range;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
@@ -41,7 +42,9 @@ fn main() {
     let ps = mmnotify_uffd::page_size() as usize;
     let buf = vec![1u8; 4 * ps];
     let addr = (buf.as_ptr() as u64 + ps as u64 - 1) & !(ps as u64 - 1);
-    let iv = w.insert_interval(addr, ps as u64, Arc::new(Nop)).unwrap();
+    let iv = w
+        .insert_interval(Range::from_len(addr, ps as u64).unwrap(), Arc::new(Nop))
+        .unwrap();
     let seq = iv.read_begin().unwrap();
     let n = 20_000_000;
     per_call("WatchedInterval::read_retry", n, || {

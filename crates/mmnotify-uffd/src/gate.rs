@@ -15,7 +15,7 @@
 //! have reached the engine yet. A filler's `read_begin` waits until the gate is closed and
 //! records `opened` as its generation; its `read_retry` reports a collision when the engine
 //! does, or when batches were opened since and are not all delivered yet (then the engine's
-//! answer cannot be trusted). docs/SEMANTICS.md (§8, U1-U6) has the argument.
+//! answer cannot be trusted). docs/SEMANTICS.md (§9, U1-U6) has the argument.
 //!
 //! The gate also carries the watcher's health: running, shut down or failed, and whether this
 //! process is a fork of the one that built the watcher. Fork detection costs one load: the

@@ -15,14 +15,14 @@
 //! The order inside `read_retry` matters: the gate is asked first, and when it answers "every
 //! batch opened since `read_begin` has been delivered", the engine's sequence is read after
 //! that (Acquire) answer, so it includes every `set_seq` those deliveries made. The argument
-//! is written out in docs/SEMANTICS.md §8.
+//! is written out in docs/SEMANTICS.md §9.
 //!
 //! Both checks fail closed: after a fork (one load of a wipe-on-fork word), a shutdown or a
 //! failure, `read_retry` always reports a collision and `read_begin` returns the typed error.
 
 use std::time::{Duration, Instant};
 
-use mmnotify::{IntervalHandle, IntervalId, ReadSeq};
+use mmnotify::{IntervalHandle, IntervalId, Range, ReadSeq};
 
 use crate::error::{Error, Result};
 use crate::gate::{self, Gate};
@@ -60,7 +60,9 @@ impl WatchedInterval {
         WatchedInterval { engine, gate }
     }
 
-    /// The engine handle (for `Mm::remove_interval` and the engine's own API).
+    /// The engine handle (for `Mm::remove_interval` and the engine's own API). Its own
+    /// `read_begin`/`read_retry` do not cover the gap between the kernel's read and the
+    /// engine's delivery: fill through this type's methods.
     pub fn engine(&self) -> &IntervalHandle {
         &self.engine
     }
@@ -70,9 +72,9 @@ impl WatchedInterval {
         self.engine.id()
     }
 
-    /// The interval's bounds, inclusive.
-    pub fn bounds(&self) -> (u64, u64) {
-        self.engine.bounds()
+    /// The range the interval covers.
+    pub fn range(&self) -> Range {
+        self.engine.range()
     }
 
     /// Begins a fill: waits while invalidations read from the userfaultfd are not yet
@@ -94,7 +96,17 @@ impl WatchedInterval {
     ///
     /// [`Error::ReadBeginTimeout`], and those of `read_begin`.
     pub fn read_begin_timeout(&self, timeout: Duration) -> Result<WatchSeq> {
-        self.begin(Some(Instant::now() + timeout))
+        // A timeout too large to add to the current time means no limit, as in the engine.
+        self.begin(Instant::now().checked_add(timeout))
+    }
+
+    /// Like [`read_begin`](Self::read_begin), giving up at `deadline`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ReadBeginTimeout`], and those of `read_begin`.
+    pub fn read_begin_until(&self, deadline: Instant) -> Result<WatchSeq> {
+        self.begin(Some(deadline))
     }
 
     fn begin(&self, deadline: Option<Instant>) -> Result<WatchSeq> {
@@ -103,7 +115,7 @@ impl WatchedInterval {
         }
         let generation = self.gate.enter(deadline)?;
         let engine = match deadline {
-            Some(d) => self.engine.read_begin_timeout(d),
+            Some(d) => self.engine.read_begin_until(d),
             None => self.engine.read_begin(),
         }?;
         Ok(WatchSeq { engine, generation })
@@ -119,7 +131,7 @@ impl WatchedInterval {
     }
 
     /// The same test without the mirror's lock: a `true` is reliable, a `false` may be stale.
-    pub fn check_retry(&self, seq: &WatchSeq) -> bool {
-        self.gate.collided(seq.generation) || self.engine.check_retry(&seq.engine)
+    pub fn check_retry(&self, seq: WatchSeq) -> bool {
+        self.gate.collided(seq.generation) || self.engine.check_retry(seq.engine)
     }
 }

@@ -18,7 +18,7 @@
 //! [`WatchedInterval`] whose `read_begin`/`read_retry` add the one guarantee the kernel's
 //! ordering does not give by itself: **once a call that unmaps, removes or remaps watched
 //! memory has returned, a fill that began before it cannot be committed** (docs/SEMANTICS.md
-//! §8). The reading thread never runs user code (a callback that frees memory would otherwise
+//! §9). The reading thread never runs user code (a callback that frees memory would otherwise
 //! wait for itself); a dispatching thread does. The watcher *fails closed*: after a fork,
 //! a reader death or a lost descriptor, `read_retry` always reports a collision and
 //! `read_begin` returns a typed error.

@@ -77,7 +77,11 @@ impl Core {
             // fills starting after it see the zapped range (zap.rs; U4 in docs/SEMANTICS.md,
             // with its residual window).
             Msg::Remove { start, end } => self.deliver_then(start, end, Event::Clear, || {
-                zap::wait_for_zap(probe, self.options.remove_settle);
+                if !zap::wait_for_zap(probe, self.options.remove_settle) {
+                    self.counters
+                        .removes_unconfirmed
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 self.scratch.mmap_lock_fence();
             }),
             Msg::Remap { from, to, len } => {

@@ -42,7 +42,7 @@ use std::sync::{Arc, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use mmnotify::{IntervalSubscriber, Mm};
+use mmnotify::{IntervalSubscriber, Mm, Range};
 
 use crate::error::{Error, Result};
 use crate::gate::{self, Gate, Health};
@@ -134,6 +134,10 @@ pub struct WatcherStats {
     pub overflows: u64,
     /// Subscriber callbacks that panicked on the dispatcher (each caught; the watcher goes on).
     pub callback_panics: u64,
+    /// REMOVE invalidations ended without the zap having been seen, at the
+    /// `remove_settle` bound (or with no page to probe): only these can leave the residual
+    /// window of U4 (docs/SEMANTICS.md §9). Every MADV_FREE of present pages counts here.
+    pub removes_unconfirmed: u64,
 }
 
 #[derive(Default)]
@@ -145,6 +149,7 @@ pub(crate) struct Counters {
     pub(crate) others: AtomicU64,
     pub(crate) invalidations: AtomicU64,
     pub(crate) callback_panics: AtomicU64,
+    pub(crate) removes_unconfirmed: AtomicU64,
 }
 
 /// A fault to inject (feature `fault-injection`, tests only).
@@ -235,7 +240,7 @@ impl Drop for Handle {
 /// let (addr, len) = (buf.as_ptr() as u64 & !4095, 1 << 20);
 /// let report = watcher.watch(addr, len)?;
 /// println!("watched {} VMAs, skipped {:?}", report.watched.len(), report.skipped);
-/// let interval = watcher.insert_interval(addr, len, Arc::new(Mirror))?;
+/// let interval = watcher.insert_interval(mmnotify::Range::from_len(addr, len)?, Arc::new(Mirror))?;
 /// let seq = interval.read_begin()?;
 /// // ... look up the pages (may fault) ...
 /// if !interval.read_retry(seq) { /* commit under the mirror's lock */ }
@@ -345,6 +350,7 @@ impl Watcher {
             invalidations: c.invalidations.load(Ordering::Relaxed),
             overflows: self.core().handoff.overflows(),
             callback_panics: c.callback_panics.load(Ordering::Relaxed),
+            removes_unconfirmed: c.removes_unconfirmed.load(Ordering::Relaxed),
         }
     }
 
@@ -385,21 +391,20 @@ impl Watcher {
         watch::unregister_range(fd.as_fd(), addr, end)
     }
 
-    /// Inserts an interval subscription over `[addr, addr + len)` on the watcher's `Mm`, and
+    /// Inserts an interval subscription over `range` on the watcher's `Mm`, and
     /// returns the handle whose `read_begin`/`read_retry` also cover the gap between the
-    /// kernel's read and the engine's delivery (docs/SEMANTICS.md §8).
+    /// kernel's read and the engine's delivery (docs/SEMANTICS.md §9).
     ///
     /// # Errors
     ///
     /// The engine's insert errors, and the fail-closed errors.
     pub fn insert_interval(
         &self,
-        addr: u64,
-        len: u64,
+        range: Range,
         subscriber: Arc<dyn IntervalSubscriber>,
     ) -> Result<WatchedInterval> {
         self.core().gate.check()?;
-        let handle = self.core().mm.insert_interval(addr, len, subscriber)?;
+        let handle = self.core().mm.insert_interval(range, subscriber)?;
         Ok(WatchedInterval::new(handle, Arc::clone(&self.core().gate)))
     }
 

@@ -17,6 +17,9 @@
 //!    `/proc/self/pagemap` until that page is gone or backed by another frame: the madvising
 //!    thread then holds `mmap_lock` for reading (or has finished), because it clears pages only
 //!    under it.
+//!    (Since Linux 6.16 madvise DONTNEED/FREE may run under a per-VMA read lock instead, which
+//!    a write-lock of `mmap_lock` would not wait for; but it falls back to `mmap_lock` for a
+//!    VMA that is `userfaultfd_armed()`, which every watched VMA is.)
 //! 3. [`Scratch::mmap_lock_fence`]: take `mmap_lock` for writing (`mprotect` of a private page,
 //!    which changes nothing and sends no event): it waits until that thread released the lock,
 //!    i.e. until its zap is complete.

@@ -13,6 +13,7 @@
 
 mod common;
 
+use mmnotify::Range;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -70,7 +71,10 @@ fn callback_frees_watched_memory(then: Then) {
     let _ = w.watch(victim, 2 * ps() as u64).unwrap();
     let victim_mirror = Arc::new(Mirror::default());
     let _viv = w
-        .insert_interval(victim, 2 * ps() as u64, victim_mirror.clone())
+        .insert_interval(
+            Range::from_len(victim, 2 * ps() as u64).unwrap(),
+            victim_mirror.clone(),
+        )
         .unwrap();
     let freer = Arc::new(Freer {
         watcher: w.clone(),
@@ -79,7 +83,10 @@ fn callback_frees_watched_memory(then: Then) {
         done: AtomicUsize::new(0),
     });
     let _tiv = w
-        .insert_interval(trigger, 2 * ps() as u64, freer.clone())
+        .insert_interval(
+            Range::from_len(trigger, 2 * ps() as u64).unwrap(),
+            freer.clone(),
+        )
         .unwrap();
     within(
         LIMIT,
@@ -135,7 +142,10 @@ fn an_unmapper_holding_a_lock_the_callback_takes_completes() {
         let p = map_anon(1) as u64;
         let _ = w.watch(p, ps() as u64).unwrap();
         let iv = w
-            .insert_interval(p, ps() as u64, Arc::new(LockTaker { lock: lock.clone() }))
+            .insert_interval(
+                Range::from_len(p, ps() as u64).unwrap(),
+                Arc::new(LockTaker { lock: lock.clone() }),
+            )
             .unwrap();
         regions.push((p, iv));
     }
@@ -169,8 +179,11 @@ fn many_threads_unmapping_at_once_all_finish() {
         let base = map_anon(EACH) as u64;
         let _ = w.watch(base, (EACH * ps()) as u64).unwrap();
         ivs.push(
-            w.insert_interval(base, (EACH * ps()) as u64, mirror.clone())
-                .unwrap(),
+            w.insert_interval(
+                Range::from_len(base, (EACH * ps()) as u64).unwrap(),
+                mirror.clone(),
+            )
+            .unwrap(),
         );
         per_thread.push(base);
     }
@@ -242,7 +255,9 @@ fn blocking_calls_from_a_callback_are_refused_not_hung() {
         results: Mutex::new(Vec::new()),
         iv: Mutex::new(None),
     });
-    let iv = w.insert_interval(p, ps() as u64, sub.clone()).unwrap();
+    let iv = w
+        .insert_interval(Range::from_len(p, ps() as u64).unwrap(), sub.clone())
+        .unwrap();
     *sub.iv.lock().unwrap() = Some(iv);
     within(
         LIMIT,
@@ -291,8 +306,7 @@ fn read_begin_timeout_gives_up_while_a_delivery_is_stuck() {
     let go = Arc::new(std::sync::Barrier::new(2));
     let held = w
         .insert_interval(
-            p,
-            ps() as u64,
+            Range::from_len(p, ps() as u64).unwrap(),
             Arc::new(Holder {
                 go: go.clone(),
                 armed: std::sync::atomic::AtomicBool::new(true),
@@ -300,7 +314,10 @@ fn read_begin_timeout_gives_up_while_a_delivery_is_stuck() {
         )
         .unwrap();
     let other = w
-        .insert_interval(q, ps() as u64, Arc::new(Mirror::default()))
+        .insert_interval(
+            Range::from_len(q, ps() as u64).unwrap(),
+            Arc::new(Mirror::default()),
+        )
         .unwrap();
     // SAFETY: the test owns the page; the munmap returns once read, the callback then waits.
     assert_eq!(unsafe { libc::munmap(p as *mut c_void, ps()) }, 0);

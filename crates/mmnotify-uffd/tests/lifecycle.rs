@@ -8,6 +8,7 @@
 
 mod common;
 
+use mmnotify::Range;
 use std::ffi::c_void;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -236,14 +237,14 @@ fn conflicting_options_and_bad_intervals_are_typed_errors() {
         Err(Error::OptionsConflict { .. })
     ));
     assert!(Watcher::with_options(w.options()).is_ok());
-    let sub = Arc::new(Mirror::default());
+    // Empty and wrapping intervals cannot be expressed: `Range` refuses them, typed.
     assert!(matches!(
-        w.insert_interval(0x1000, 0, sub.clone()),
-        Err(Error::Engine(mmnotify::Error::EmptyRange { .. }))
+        Range::from_len(0x1000, 0),
+        Err(mmnotify::Error::EmptyRange { .. })
     ));
     assert!(matches!(
-        w.insert_interval(u64::MAX - 10, 100, sub),
-        Err(Error::Engine(mmnotify::Error::RangeOverflow { .. }))
+        Range::from_len(u64::MAX - 10, 100),
+        Err(mmnotify::Error::RangeOverflow { .. })
     ));
 }
 
@@ -319,7 +320,10 @@ fn role_overflow() {
         let base = map_anon(EACH) as u64;
         let _ = w.watch(base, (EACH * ps()) as u64).unwrap();
         let iv = w
-            .insert_interval(base, (EACH * ps()) as u64, Arc::new(Slow(mirror.clone())))
+            .insert_interval(
+                Range::from_len(base, (EACH * ps()) as u64).unwrap(),
+                Arc::new(Slow(mirror.clone())),
+            )
             .unwrap();
         assert!(mirror.fill(&iv, base, EACH));
         ivs.push(iv);
@@ -414,7 +418,10 @@ fn role_no_leak() {
         Err(Error::ShutDown)
     ));
     assert!(matches!(
-        keep.insert_interval(r.addr, r.len() as u64, Arc::new(Mirror::default())),
+        keep.insert_interval(
+            Range::from_len(r.addr, r.len() as u64).unwrap(),
+            Arc::new(Mirror::default())
+        ),
         Err(Error::ShutDown)
     ));
     assert!(matches!(keep.synchronize(LIMIT), Err(Error::ShutDown)));
@@ -461,7 +468,9 @@ fn role_from_callback() {
     let sub = Arc::new(ShutsDown {
         watcher: std::sync::Mutex::new(Some(w.clone())),
     });
-    let _iv = w.insert_interval(p, ps() as u64, sub).unwrap();
+    let _iv = w
+        .insert_interval(Range::from_len(p, ps() as u64).unwrap(), sub)
+        .unwrap();
     let probe = w.clone();
     drop(w);
     // SAFETY: the role's own page.
@@ -484,8 +493,11 @@ fn role_during_unmaps() {
         let base = map_anon(200) as u64;
         let _ = w.watch(base, 200 * ps() as u64).unwrap();
         ivs.push(
-            w.insert_interval(base, 200 * ps() as u64, mirror.clone())
-                .unwrap(),
+            w.insert_interval(
+                Range::from_len(base, 200 * ps() as u64).unwrap(),
+                mirror.clone(),
+            )
+            .unwrap(),
         );
         bases.push(base);
     }

@@ -12,6 +12,7 @@
 
 mod common;
 
+use mmnotify::Range;
 use std::ffi::c_void;
 use std::time::Duration;
 
@@ -302,7 +303,10 @@ fn mremap_move_remaps_and_the_registration_follows() {
     let moved = {
         let mirror = std::sync::Arc::new(Mirror::default());
         let iv = w
-            .insert_interval(target, r.len() as u64, mirror.clone())
+            .insert_interval(
+                Range::from_len(target, r.len() as u64).unwrap(),
+                mirror.clone(),
+            )
             .unwrap();
         assert!(mirror.fill(&iv, target, 4));
         Region {
@@ -531,7 +535,9 @@ fn wrapper_munmap_notifies_before_the_unmap_and_the_later_event_is_harmless() {
         watch: p,
         ..Default::default()
     });
-    let iv = w.insert_interval(p, 4 * ps() as u64, pre.clone()).unwrap();
+    let iv = w
+        .insert_interval(Range::from_len(p, 4 * ps() as u64).unwrap(), pre.clone())
+        .unwrap();
     // An interval inserted while another invalidation is open (other tests share the watcher)
     // joins the index when that epoch closes; read_begin waits for it.
     let _ = iv.read_begin().unwrap();

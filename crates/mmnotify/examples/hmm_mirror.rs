@@ -93,7 +93,7 @@ fn main() -> Result<(), Error> {
     let mm = Mm::new();
     let primary = Primary::default();
     let device = Arc::new(Device::default());
-    let handle = mm.insert_interval(BASE, PAGES * PAGE, device.clone())?;
+    let handle = mm.insert_interval(Range::from_len(BASE, PAGES * PAGE)?, device.clone())?;
     let done = AtomicBool::new(false);
     let migrations = AtomicU64::new(0);
     let mut fills = 0u64;

@@ -13,8 +13,10 @@
 //!  register / get_or_register          unregister / put-to-zero / Mm::release
 //!  ─────────────► Linked ─── release once ──► Released ── unlink ──► Unlinked ── last ref ──► freed
 //!                   │ receives starts,          invalidations that      no callback can     `free` runs
-//!                   │ ends, young, tlb          begin now skip it;      start any more      exactly once
-//!                   │ (also while release runs) ones under way finish
+//!                   │ ends, young, tlb          begin now skip it       start any more      exactly once
+//!                   │ (also while release runs) (Exact; Linux policies:
+//!                   │                           served until unlinked);
+//!                   │                           ones under way finish
 //! ```
 //!
 //! The subscriber stays linked and fully served *while* its `release` runs, as in Linux: a
@@ -153,12 +155,15 @@ pub trait Subscriber: Send + Sync + 'static {
     ///
     /// # When
     /// Exactly once per registration, from [`Mm::release`](crate::Mm::release) (process exit)
-    /// or [`Mm::unregister`], whichever comes first; never after `put` to zero. The
+    /// or [`Mm::unregister`], whichever comes first; never if the last `put` came first (a
+    /// release already under way when that `put` ran still completes, since `put` never
+    /// blocks: drop your mirror in `release` and before the last `put` alike). The
     /// subscriber stays fully subscribed while `release` runs, so no invalidation is missed
-    /// before its mirror is gone. Invalidations that begin after `release` returned skip it;
-    /// one that was already under way may still deliver its start and end afterwards (Linux
-    /// gives no stronger promise). When `Mm::release` or `Mm::unregister` returns, nothing
-    /// more is delivered.
+    /// before its mirror is gone. Under [`Policy::Exact`](crate::Policy::Exact), invalidations
+    /// that begin after `release` returned skip it; one that was already under way may still
+    /// deliver its start and end afterwards (Linux gives no stronger promise). Under the Linux
+    /// policies it is served, as in Linux, until process exit unlinks every subscriber. When
+    /// `Mm::release` or `Mm::unregister` returns, nothing more is delivered.
     ///
     /// # Context
     /// May sleep. May run concurrently with other callbacks of this subscriber.
@@ -255,8 +260,9 @@ pub trait Subscriber: Send + Sync + 'static {
     fn free(&self) {}
 }
 
-/// Counters of what one registration received, readable at any time through
-/// [`Mm::subscriber_stats`](crate::Mm::subscriber_stats).
+/// Counters of what one registration received, readable while it is registered through
+/// [`Mm::subscriber_stats`](crate::Mm::subscriber_stats), and returned, final, by
+/// [`Mm::unregister`](crate::Mm::unregister).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub struct SubscriberStats {
@@ -309,8 +315,10 @@ pub(crate) trait FreeNotify: Send + Sync + fmt::Debug {
 /// # Invariants
 ///
 /// * `caps` is not contradictory (checked before construction).
-/// * `released` is set, under `release_once`, exactly when `release` has returned; so is
-///   `released_flag`, which is never cleared.
+/// * `released_flag` is set, under `release_once`, exactly when `release` has returned, and is
+///   never cleared.
+/// * `release_once` holds `true` once `release` must not be called any more: it returned, or
+///   a `put` to zero claimed the registration first (then `release` is never called).
 pub(crate) struct Registration {
     pub(crate) id: SubscriberId,
     /// The owning `Mm`'s id, for the context marks around `free`.
@@ -323,7 +331,9 @@ pub(crate) struct Registration {
     /// Set once `register` returned: every invalidation in flight at registration has ended.
     ready: AtomicBool,
     release_once: Mutex<bool>,
-    pub(crate) stats: StatCounters,
+    /// Shared so that the counters outlive the registration: `unregister` after process exit
+    /// still reports them.
+    pub(crate) stats: Arc<StatCounters>,
     /// Set when unlinked; the `Mm` then counts this registration as a pending free.
     on_free: Mutex<Option<Arc<dyn FreeNotify>>>,
 }
@@ -355,21 +365,21 @@ impl Registration {
             released_flag: AtomicBool::new(false),
             ready: AtomicBool::new(false),
             release_once: Mutex::new(false),
-            stats: StatCounters::default(),
+            stats: Arc::default(),
             on_free: Mutex::new(None),
         }
     }
 
-    /// Whether new starts (and young/tlb walks) must skip this registration: its `release`
-    /// has returned.
+    /// Whether this registration's `release` has returned (under `Exact`, new starts and
+    /// young/tlb walks then skip it).
     pub(crate) fn is_released(&self) -> bool {
         // Acquire: pairs with the Release store in `release`; a start that sees the flag also
         // sees everything the release callback did.
         self.released_flag.load(Ordering::Acquire)
     }
 
-    /// Calls `release` unless it already ran; returns after it has run, by us or by a
-    /// concurrent caller.
+    /// Calls `release` unless it already ran or a `put` to zero came first; returns after it
+    /// has run, by us or by a concurrent caller.
     ///
     /// The `release_once` lock is held across the callback: that is what makes a second caller
     /// wait for the first one's release to *finish*. A release callback that calls back into
@@ -420,10 +430,29 @@ impl Registration {
     pub(crate) fn set_unlinked(&self, notify: Arc<dyn FreeNotify>) {
         *self.on_free.lock() = Some(notify);
     }
+
+    /// A `put` to zero: from now on `release` is never called for this registration (Linux's
+    /// users drop their mirror themselves before the last put). Never blocks: if a `release`
+    /// is running right now (by `Mm::release` on another thread, or this very thread's
+    /// `release` callback calling `put`), it simply finishes: it was claimed before the put,
+    /// although its callback may only begin after the put returned. Returns whether the
+    /// release was forgone (or had already run), i.e. no callback can begin any more.
+    pub(crate) fn forgo_release(&self) -> bool {
+        match self.release_once.try_lock() {
+            Some(mut released) => {
+                *released = true;
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        if crate::sync::unwinding_under_loom() {
+            return;
+        }
         /// Tells the `Mm` about the free even if `free` panics, so `synchronize` cannot hang.
         struct Freed(Option<Arc<dyn FreeNotify>>);
         impl Drop for Freed {

@@ -4,7 +4,8 @@
 //! The kernel has lockdep and `might_sleep()` for this; we have a small per-thread record.
 //! Each thread remembers, per address space (keyed by the `Mm`'s unique id):
 //!
-//! * how many invalidation guards it holds (an open `start..end` window), and
+//! * how many invalidation guards it holds (an open `start..end` window),
+//! * how many young or secondary-TLB walks it is inside, and
 //! * how many callbacks of that address space it is running (callbacks nest: a callback may
 //!   start an invalidation of another range, whose callbacks run on the same thread);
 //!
@@ -19,8 +20,20 @@
 //! | handling a non-blockable invalidation (any `Mm`), or running `free` | anything | [`DeadlockCause::NonBlockingContext`] |
 //! | running a callback of the same `Mm`                | callbacks to return          | [`DeadlockCause::InsideCallback`] |
 //! | holding a guard of the same `Mm`                   | guards to end                | [`DeadlockCause::HoldsGuard`]     |
+//! | inside a young or TLB walk of the same `Mm`        | the walk to end              | [`DeadlockCause::InsideWalk`]     |
 //!
-//! The record costs two thread-local accesses per guard and per callback; it allocates
+//! # Every read section is marked
+//!
+//! Guards and walks are exactly the read sections of the `Mm`'s SRCU (`srcu.rs`), and the
+//! blocking calls are the ones that wait for read sections (or for what only their end
+//! brings). So the mark is not left to each caller: [`Srcu::read_lock`](crate::srcu::Srcu)
+//! takes the kind of section and enters the [`Scope`] itself, before the section begins, and the
+//! read guard leaves it after the section ended. Code that runs while the section is open but
+//! outside any callback (a subscriber's `Drop` when the walk's snapshot releases the last
+//! reference, say) is therefore seen by the check and gets `WouldDeadlock` instead of waiting
+//! for its own thread.
+//!
+//! The record costs two thread-local accesses per read section and per callback; it allocates
 //! nothing for up to [`INLINE_ENTRIES`] address spaces open at once on one thread.
 
 use std::cell::RefCell;
@@ -37,12 +50,21 @@ pub(crate) const INLINE_ENTRIES: usize = 8;
 struct Entry {
     mm: u64,
     guards: u32,
+    walks: u32,
     callbacks: u32,
 }
 
 impl Entry {
     fn is_free(&self) -> bool {
-        self.guards == 0 && self.callbacks == 0
+        self.guards == 0 && self.walks == 0 && self.callbacks == 0
+    }
+
+    fn counter(&mut self, kind: ScopeKind) -> &mut u32 {
+        match kind {
+            ScopeKind::Guard => &mut self.guards,
+            ScopeKind::Walk => &mut self.walks,
+            ScopeKind::Callback { .. } => &mut self.callbacks,
+        }
     }
 }
 
@@ -94,8 +116,10 @@ thread_local! {
 /// What a [`Scope`] marks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ScopeKind {
-    /// The thread holds an invalidation guard of the `Mm`.
+    /// The thread holds an invalidation guard of the `Mm` (a read section).
     Guard,
+    /// The thread is inside a young or secondary-TLB walk of the `Mm` (a read section).
+    Walk,
     /// The thread runs a callback of the `Mm`; `nonblocking` if the callback handles a
     /// non-blockable invalidation.
     Callback {
@@ -127,11 +151,7 @@ impl Scope {
             if let ScopeKind::Callback { nonblocking: true } = kind {
                 record.nonblocking_depth += 1;
             }
-            let entry = record.find_or_insert(mm);
-            match kind {
-                ScopeKind::Guard => entry.guards += 1,
-                ScopeKind::Callback { .. } => entry.callbacks += 1,
-            }
+            *record.find_or_insert(mm).counter(kind) += 1;
         });
         Scope {
             mm,
@@ -143,6 +163,9 @@ impl Scope {
 
 impl Drop for Scope {
     fn drop(&mut self) {
+        if crate::sync::unwinding_under_loom() {
+            return;
+        }
         // `try_with`: during thread teardown the record may already be gone, and then there is
         // nobody left to ask about it.
         let _ = RECORD.try_with(|record| {
@@ -151,10 +174,7 @@ impl Drop for Scope {
                 record.nonblocking_depth -= 1;
             }
             if let Some(entry) = record.find(self.mm) {
-                match self.kind {
-                    ScopeKind::Guard => entry.guards -= 1,
-                    ScopeKind::Callback { .. } => entry.callbacks -= 1,
-                }
+                *entry.counter(self.kind) -= 1;
             }
         });
     }
@@ -174,6 +194,7 @@ pub(crate) fn may_block(mm: u64, op: BlockingOp) -> Result<()> {
         match record.find(mm) {
             Some(entry) if entry.callbacks > 0 => Some(DeadlockCause::InsideCallback),
             Some(entry) if entry.guards > 0 => Some(DeadlockCause::HoldsGuard),
+            Some(entry) if entry.walks > 0 => Some(DeadlockCause::InsideWalk),
             _ => None,
         }
     });

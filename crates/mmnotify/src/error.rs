@@ -210,6 +210,10 @@ pub enum DeadlockCause {
     HoldsGuard,
     /// The calling thread is handling a non-blockable invalidation and must not sleep.
     NonBlockingContext,
+    /// The calling thread is inside a young or secondary-TLB walk of this address space (for
+    /// example in a subscriber's `Drop` run when the walk released the last reference); the call
+    /// would wait for that walk to end.
+    InsideWalk,
 }
 
 impl fmt::Display for DeadlockCause {
@@ -225,6 +229,10 @@ impl fmt::Display for DeadlockCause {
             }
             DeadlockCause::NonBlockingContext => {
                 "the calling thread is handling a non-blockable invalidation and must not sleep"
+            }
+            DeadlockCause::InsideWalk => {
+                "the calling thread is inside a young or secondary-TLB walk of this address \
+                 space, and the call waits for that walk to end"
             }
         })
     }

@@ -17,7 +17,8 @@
 //! # What the end does
 //!
 //! Closes the epoch first (`A -= 1`), then delivers `invalidate_range_end` to exactly the
-//! subscribers in the started bitmap, in registration order, then leaves the read section.
+//! subscribers in the started bitmap, in call order (the snapshot's, see `policy.rs`), then leaves
+//! the read section.
 //! [`InvalidateGuard::end`] and dropping the guard do the same thing; `end` reads better at the
 //! call site, and drop makes a forgotten end, an early `?` return or a panic harmless.
 //!
@@ -73,10 +74,10 @@ pub struct InvalidateGuard<'mm> {
     epoch: bool,
     classic: Option<Arc<Snapshot>>,
     started: StartedSet,
-    // Field order is drop order: the snapshot above is released before the thread mark and
-    // the read section below, so a registration freed by this drop is freed inside the read
-    // section that `synchronize` waits for.
-    _scope: Scope,
+    // Field order is drop order: the snapshot above is released before the read section below
+    // (which carries the thread's guard mark), so a registration freed by this drop is freed
+    // inside the read section that `synchronize` waits for, and a blocking call from its
+    // subscriber's `Drop` is refused.
     _read: SrcuReadGuard<'mm>,
     _not_send: PhantomData<*const ()>,
 }
@@ -155,15 +156,13 @@ impl<'mm> InvalidateGuard<'mm> {
         blockable: Blockable,
         classic: bool,
     ) -> Result<Self> {
-        let read = mm.srcu.read_lock();
-        let scope = Scope::enter(mm.id, ScopeKind::Guard);
+        let read = mm.srcu.read_lock(ScopeKind::Guard);
         let mut guard = InvalidateGuard {
             mm,
             inv: Invalidation::new(range, event, blockable),
             epoch: false,
             classic: None,
             started: StartedSet::default(),
-            _scope: scope,
             _read: read,
             _not_send: PhantomData,
         };
@@ -203,11 +202,12 @@ impl<'mm> InvalidateGuard<'mm> {
         let mut finish: u64 = 0;
         let mut finish_spill: Vec<usize> = Vec::new();
         let mut refuser = None;
-        for (i, node) in hits.iter().enumerate() {
+        for (i, hit) in hits.iter().enumerate() {
+            let node = &hit.node;
             let ctx = IntervalCtx { node, cur_seq };
             let outcome = {
                 let _cb = Scope::enter(self.mm.id, ScopeKind::Callback { nonblocking });
-                catch(caught, || node.subscriber.invalidate(&ctx, &self.inv))
+                catch(caught, || hit.subscriber.invalidate(&ctx, &self.inv))
             };
             match outcome {
                 Some(Invalidate::Done) => {}
@@ -228,7 +228,8 @@ impl<'mm> InvalidateGuard<'mm> {
                 }
             }
         }
-        for (i, node) in hits.iter().enumerate() {
+        for (i, hit) in hits.iter().enumerate() {
+            let node = &hit.node;
             let wants_finish = if i < 64 {
                 finish & (1 << i) != 0
             } else {
@@ -237,9 +238,7 @@ impl<'mm> InvalidateGuard<'mm> {
             if wants_finish {
                 let ctx = IntervalCtx { node, cur_seq };
                 let _cb = Scope::enter(self.mm.id, ScopeKind::Callback { nonblocking });
-                catch(caught, || {
-                    node.subscriber.invalidate_finish(&ctx, &self.inv)
-                });
+                catch(caught, || hit.subscriber.invalidate_finish(&ctx, &self.inv));
             }
         }
         match refuser {
@@ -256,7 +255,7 @@ impl<'mm> InvalidateGuard<'mm> {
         let mut refusers: Vec<Refuser> = Vec::new();
         let mut end_now_and_later = false;
         for (i, reg) in snapshot.subs.iter().enumerate() {
-            if reg.is_released() {
+            if policy.skips_released() && reg.is_released() {
                 continue;
             }
             if !reg.caps.has_start() {
@@ -403,6 +402,9 @@ fn refused(range: Range, refusers: Vec<Refuser>) -> Error {
 
 impl Drop for InvalidateGuard<'_> {
     fn drop(&mut self) {
+        if crate::sync::unwinding_under_loom() {
+            return;
+        }
         let mut caught: Caught = None;
         self.close_epoch();
         self.deliver_ends(&mut caught);

@@ -11,12 +11,16 @@ use std::collections::HashMap;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 
-use crate::classic::{FreeNotify, Registration, Subscriber, SubscriberId, SubscriberStats};
+use crate::classic::{
+    FreeNotify, Registration, StatCounters, Subscriber, SubscriberId, SubscriberStats,
+};
 use crate::context::{self, Scope, ScopeKind};
 use crate::error::{BlockingOp, Error, Result};
 use crate::guard::InvalidateGuard;
 use crate::interval::seq::IntervalState;
-use crate::interval::{IntervalHandle, IntervalId, IntervalNode, IntervalSubscriber, Itree};
+use crate::interval::{
+    IntervalEntry, IntervalHandle, IntervalId, IntervalNode, IntervalSubscriber, Itree,
+};
 use crate::policy::Policy;
 use crate::range::{Blockable, Event, Range};
 use crate::snapshot::Snapshot;
@@ -98,7 +102,7 @@ impl MmBuilder {
             inner: Arc::new(MmInner {
                 id,
                 policy: self.policy,
-                srcu: Srcu::new(),
+                srcu: Srcu::new(id),
                 snapshot: RwLock::new(Arc::new(Snapshot::default())),
                 has_classic: AtomicBool::new(false),
                 registry: Mutex::new(Registry::default()),
@@ -122,7 +126,8 @@ struct Registry {
     unregistering: Vec<SubscriberId>,
     /// Plain registrations that `release` unlinked and that were not unregistered yet: their
     /// owner's `unregister` still succeeds, as in Linux (KVM unregisters after exit).
-    exited: Vec<SubscriberId>,
+    /// Their counters stay here for that final `unregister` to return.
+    exited: Vec<(SubscriberId, Arc<StatCounters>)>,
 }
 
 impl Registry {
@@ -257,6 +262,9 @@ struct Retired(Vec<Arc<Snapshot>>);
 
 impl Drop for MmInner {
     fn drop(&mut self) {
+        if crate::sync::unwinding_under_loom() {
+            return;
+        }
         // Intervals that were never removed point back at the interval state; empty it so
         // that they, and their subscribers, are dropped with the address space.
         self.itree.clear();
@@ -366,8 +374,10 @@ impl Mm {
                 registry.shared.insert(key, (id, 1));
             }
             let reg = Arc::new(Registration::new(id, self.inner.id, subscriber, caps, key));
-            self.inner
-                .publish(current.with(Arc::clone(&reg)), &mut retired);
+            self.inner.publish(
+                current.with(Arc::clone(&reg), self.inner.policy.newest_first()),
+                &mut retired,
+            );
             (id, reg)
         };
         drop(retired);
@@ -384,13 +394,16 @@ impl Mm {
     /// every invalidation that had started it has delivered its end. When this returns, no
     /// callback of the subscriber runs or will run, and `release` has run exactly once.
     ///
+    /// Returns the registration's final counters, including the ends this call waited for
+    /// (they can no longer be read with [`subscriber_stats`](Self::subscriber_stats)).
+    ///
     /// # Errors
     ///
     /// [`Error::NotRegistered`] for an unknown id (or one being unregistered concurrently);
     /// [`Error::SharedUsePut`] for an id from [`get_or_register`](Self::get_or_register), which
     /// must be [`put`](Self::put); [`Error::WouldDeadlock`] from inside a callback of this
     /// address space or while holding one of its guards.
-    pub fn unregister(&self, id: SubscriberId) -> Result<()> {
+    pub fn unregister(&self, id: SubscriberId) -> Result<SubscriberStats> {
         context::may_block(self.inner.id, BlockingOp::Unregister)?;
         let reg = {
             let mut registry = self.inner.registry.lock();
@@ -400,13 +413,13 @@ impl Mm {
                 .map(|i| Arc::clone(&current.subs[i]))
                 .filter(|_| !registry.unregistering.contains(&id))
             else {
-                if let Some(at) = registry.exited.iter().position(|&e| e == id) {
+                if let Some(at) = registry.exited.iter().position(|(e, _)| *e == id) {
                     // Released by process exit already: nothing left but to wait for the
                     // callbacks that may still run.
-                    registry.exited.swap_remove(at);
+                    let (_, stats) = registry.exited.swap_remove(at);
                     drop(registry);
                     self.inner.srcu.synchronize();
-                    return Ok(());
+                    return Ok(stats.snapshot());
                 }
                 if registry.shared_entry(id).is_some() {
                     return Err(Error::SharedUsePut { id });
@@ -430,6 +443,7 @@ impl Mm {
             registry.unregistering.retain(|&u| u != id);
         }
         drop(retired);
+        let stats = Arc::clone(&reg.stats);
         drop(reg);
         self.inner.srcu.synchronize();
         tracing::debug!(target: "mmnotify", mm = self.inner.id, subscriber = id.0, "unregistered");
@@ -437,7 +451,7 @@ impl Mm {
             // The subscriber is unregistered all the same; its release's panic goes on.
             panic::resume_unwind(payload);
         }
-        Ok(())
+        Ok(stats.snapshot())
     }
 
     /// Returns the single subscriber of type `S` on this address space, registering the one
@@ -504,6 +518,14 @@ impl Mm {
     /// [`Error::NotRegistered`], or [`Error::NotShared`] for an id from
     /// [`register`](Self::register).
     pub fn put(&self, id: SubscriberId) -> Result<()> {
+        self.put_reporting(id).map(|_| ())
+    }
+
+    /// [`put`](Self::put), telling whether a `release` may still *begin* after it returns: only
+    /// when `Mm::release` or `unregister` had claimed this registration's release before the
+    /// put reached zero (`put` never blocks, so it does not wait for that claimed callback to
+    /// start or finish). The loom models check I14 with it.
+    pub(crate) fn put_reporting(&self, id: SubscriberId) -> Result<ReleaseAfterPut> {
         let mut retired = Retired::default();
         let mut registry = self.inner.registry.lock();
         let current = self.inner.current();
@@ -514,9 +536,10 @@ impl Mm {
                 if *uses == 0 {
                     registry.shared.remove(&key);
                 }
-                return Ok(());
+                // `Mm::release` unlinks a registration only after its release returned.
+                return Ok(ReleaseAfterPut::Impossible);
             }
-            if registry.exited.contains(&id) {
+            if registry.exited.iter().any(|(e, _)| *e == id) {
                 return Err(Error::NotShared { id });
             }
             return Err(Error::NotRegistered { id });
@@ -529,12 +552,16 @@ impl Mm {
             .get_mut(&key)
             .expect("a keyed registration has a use count");
         entry.1 -= 1;
+        let mut outcome = ReleaseAfterPut::Impossible;
         if entry.1 == 0 {
             registry.shared.remove(&key);
+            if !current.subs[index].forgo_release() {
+                outcome = ReleaseAfterPut::AlreadyClaimed;
+            }
             self.inner.unlink(id, &mut retired);
             tracing::debug!(target: "mmnotify", mm = self.inner.id, subscriber = id.0, "put to zero; unlinked");
         }
-        Ok(())
+        Ok(outcome)
     }
 
     /// Waits until every subscriber that was unlinked (by `put`, `unregister` or `release`)
@@ -565,7 +592,8 @@ impl Mm {
             .ok_or(Error::NotRegistered { id })
     }
 
-    /// The ids of the registered classic subscribers, in call order.
+    /// The ids of the registered classic subscribers, in call order: registration order under
+    /// [`Policy::Exact`], newest first under the Linux policies (as Linux's list is).
     pub fn subscribers(&self) -> Vec<SubscriberId> {
         self.inner.current().subs.iter().map(|r| r.id).collect()
     }
@@ -618,7 +646,7 @@ impl Mm {
             for reg in snapshot.subs.iter() {
                 let plain = reg.key.is_none() && !registry.unregistering.contains(&reg.id);
                 if self.inner.unlink(reg.id, &mut retired) && plain {
-                    registry.exited.push(reg.id);
+                    registry.exited.push((reg.id, Arc::clone(&reg.stats)));
                 }
             }
         }
@@ -690,12 +718,17 @@ impl Mm {
         mut call: impl FnMut(&dyn Subscriber) -> bool,
         stop_at_first: bool,
     ) -> bool {
-        let _read = self.inner.srcu.read_lock();
+        let _read = self.inner.srcu.read_lock(ScopeKind::Walk);
         let Some(snapshot) = self.inner.classic_snapshot() else {
             return false;
         };
         let mut young = false;
-        for reg in snapshot.subs.iter().filter(|r| !r.is_released()) {
+        let skip_released = self.inner.policy.skips_released();
+        for reg in snapshot
+            .subs
+            .iter()
+            .filter(|r| !(skip_released && r.is_released()))
+        {
             let _cb = Scope::enter(self.inner.id, ScopeKind::Callback { nonblocking: true });
             young |= call(reg.subscriber.as_ref());
             if young && stop_at_first {
@@ -708,15 +741,13 @@ impl Mm {
     /// Flushes the secondary TLBs of `range` on every subscriber that declared the
     /// secondary-TLB callback (called in step with the primary TLB flush; never sleeps).
     pub fn arch_invalidate_secondary_tlbs(&self, range: Range) {
-        let _read = self.inner.srcu.read_lock();
+        let _read = self.inner.srcu.read_lock(ScopeKind::Walk);
         let Some(snapshot) = self.inner.classic_snapshot() else {
             return;
         };
-        for reg in snapshot
-            .subs
-            .iter()
-            .filter(|r| r.caps.has_secondary_tlb() && !r.is_released())
-        {
+        for reg in snapshot.subs.iter().filter(|r| {
+            r.caps.has_secondary_tlb() && !(self.inner.policy.skips_released() && r.is_released())
+        }) {
             let _cb = Scope::enter(self.inner.id, ScopeKind::Callback { nonblocking: true });
             reg.subscriber.arch_invalidate_secondary_tlbs(range);
         }
@@ -724,30 +755,27 @@ impl Mm {
 
     // --- interval subscribers ------------------------------------------------------------
 
-    /// Inserts an interval subscription over `[start, start + len - 1]`.
+    /// Inserts an interval subscription over `range` (half-open, like every range of the
+    /// API; so an interval never contains byte `u64::MAX`, and [`Range::ALL`] covers every
+    /// interval).
     ///
     /// During an invalidation epoch the insertion is deferred to the epoch's end; the first
     /// `read_begin` on the new interval waits for every invalidation in flight to end. The
     /// very first insert on an address space waits for invalidations in flight (they did not
     /// look for intervals).
     ///
+    /// The engine keeps the subscriber until the interval is removed or the `Mm` is dropped;
+    /// the returned handle does not keep it alive, so the subscriber may store the handle.
+    ///
     /// # Errors
     ///
-    /// [`Error::EmptyRange`] for `len == 0`, [`Error::RangeOverflow`] when the interval would
-    /// wrap, [`Error::Released`], and [`Error::WouldDeadlock`] for a first insert from a
-    /// callback or with a guard held.
+    /// [`Error::Released`], and [`Error::WouldDeadlock`] for a first insert from a callback or
+    /// with a guard held.
     pub fn insert_interval(
         &self,
-        start: u64,
-        len: u64,
+        range: Range,
         subscriber: Arc<dyn IntervalSubscriber>,
     ) -> Result<IntervalHandle> {
-        if len == 0 {
-            return Err(Error::EmptyRange { start });
-        }
-        let last = start
-            .checked_add(len - 1)
-            .ok_or(Error::RangeOverflow { start, len })?;
         if self.inner.registry.lock().released {
             return Err(Error::Released);
         }
@@ -762,11 +790,13 @@ impl Mm {
         }
         let node = Arc::new(IntervalNode::new(
             IntervalId(next_id()),
-            start,
-            last,
-            subscriber,
+            range,
             Arc::clone(&self.inner.itree),
         ));
+        let entry = Arc::new(IntervalEntry {
+            node: Arc::clone(&node),
+            subscriber,
+        });
         {
             // Under the registry lock, so that an insert cannot slip in after `release` sent
             // its Release invalidation.
@@ -774,9 +804,9 @@ impl Mm {
             if registry.released {
                 return Err(Error::Released);
             }
-            self.inner.itree.insert(&node);
+            self.inner.itree.insert(entry);
         }
-        tracing::debug!(target: "mmnotify", mm = self.inner.id, interval = node.id.0, start, last, "interval inserted");
+        tracing::debug!(target: "mmnotify", mm = self.inner.id, interval = node.id.0, ?range, "interval inserted");
         Ok(IntervalHandle { node })
     }
 
@@ -816,4 +846,15 @@ impl Mm {
     pub fn interval_state(&self) -> IntervalState {
         self.inner.itree.state()
     }
+}
+
+/// Whether a `release` callback may still begin after a [`Mm::put`] returned (I14).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReleaseAfterPut {
+    /// No `release` of this registration begins after the put returned: it was forgone, or
+    /// it had already run.
+    Impossible,
+    /// `Mm::release` or `unregister` had claimed the release before the put reached zero; the
+    /// callback runs (or is running) and may begin after the put returned.
+    AlreadyClaimed,
 }

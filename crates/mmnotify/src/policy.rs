@@ -12,6 +12,13 @@
 //! | the interval epoch opened by this start closes | yes               | no (the leak of the reference's §9.8) | no (same code shape) |
 //! | a refusal on a *blockable* range               | reported; the refuser gets no end, the others proceed | reported; ends are sent at once *and* again at the real end | reported; ignored, the refuser is ended like everyone else |
 //!
+//! Two rules do not depend on a refusal:
+//!
+//! | | `Exact` | `Kernel` | `Legacy` |
+//! |---|---|---|---|
+//! | classic call order (starts, ends, young, TLB, release) | oldest registration first | newest first (Linux adds with `hlist_add_head_rcu`) | newest first |
+//! | a subscriber whose `release` returned, still linked (process exit under way) | skipped by starts and walks | served like any other until unlinked, as in Linux | same as `Kernel` |
+//!
 //! On success the three agree: every subscriber whose start ran (or that has no start) and
 //! that declares an end gets exactly one end.
 
@@ -108,6 +115,20 @@ impl Policy {
 
     /// Whether a classic refusal closes the interval epoch that the same start opened.
     pub(crate) const fn close_epoch_after_classic_refusal(self) -> bool {
+        matches!(self, Policy::Exact)
+    }
+
+    /// Whether classic subscribers are called newest first, as Linux does (its list is built
+    /// with `hlist_add_head_rcu`); otherwise in registration order.
+    pub(crate) const fn newest_first(self) -> bool {
+        !matches!(self, Policy::Exact)
+    }
+
+    /// Whether starts and young/TLB walks skip a subscriber whose `release` has returned but
+    /// that is still linked (during process exit). Linux serves it until it is unlinked, so a
+    /// Linux policy must too: skipping its start while `Kernel` still sends it the refusal's
+    /// end would hand it an end without a start.
+    pub(crate) const fn skips_released(self) -> bool {
         matches!(self, Policy::Exact)
     }
 

@@ -16,7 +16,8 @@ use std::sync::Arc;
 
 use crate::classic::Registration;
 
-/// An immutable, ordered list of registrations.
+/// An immutable list of registrations, in call order: registration order under `Exact`,
+/// newest first under the Linux policies.
 #[derive(Debug, Default)]
 pub(crate) struct Snapshot {
     pub(crate) subs: Box<[Arc<Registration>]>,
@@ -31,11 +32,17 @@ impl Snapshot {
         self.subs.iter().position(|r| r.id == id)
     }
 
-    /// A new snapshot with `reg` appended.
-    pub(crate) fn with(&self, reg: Arc<Registration>) -> Snapshot {
+    /// A new snapshot with `reg` added last, or first when `newest_first` (the snapshot's order
+    /// is the order in which every walk calls the subscribers).
+    pub(crate) fn with(&self, reg: Arc<Registration>, newest_first: bool) -> Snapshot {
         let mut subs = Vec::with_capacity(self.subs.len() + 1);
-        subs.extend(self.subs.iter().cloned());
-        subs.push(reg);
+        if newest_first {
+            subs.push(reg);
+            subs.extend(self.subs.iter().cloned());
+        } else {
+            subs.extend(self.subs.iter().cloned());
+            subs.push(reg);
+        }
         Snapshot {
             subs: subs.into_boxed_slice(),
         }

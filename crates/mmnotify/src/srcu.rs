@@ -42,9 +42,12 @@
 //! first, the writer's wait sees the increment and waits for this reader. If the writer's fence
 //! comes first, the reader's re-read sees the flipped index and backs off, and the reader that
 //! eventually proceeds does so after the flip, hence after the publication: it sees the
-//! change. A reader that raced with *two* flips and ends up on the original index again has
-//! still re-read the index after the second flip, so it too sees every change published before
-//! it. Either way no reader that could have missed the change is left unwaited-for.
+//! change. A reader that raced with *two* flips (by two writers) and ends up on the original
+//! index again has re-read the index from the second flip; that writer drains the other
+//! counter and does not wait for it, so the reader must see what it published through the
+//! re-read itself: the re-read is an `Acquire` load that synchronises with the `Release` flip.
+//! Either way no reader that could have missed the change is left unwaited-for. (The first
+//! read of the index only chooses a counter and may be `Relaxed`; see `read_lock`.)
 //!
 //! The drain wait sleeps on a condition variable. A reader that takes a counter to zero wakes
 //! the writer if one announced itself in `waiters`; the announcement and the decrement are
@@ -52,6 +55,7 @@
 
 use std::marker::PhantomData;
 
+use crate::context::{Scope, ScopeKind};
 use crate::sync::atomic::{fence, AtomicUsize, Ordering};
 use crate::sync::{Condvar, Mutex};
 
@@ -63,6 +67,9 @@ use crate::sync::{Condvar, Mutex};
 /// and changes only under `gp`.
 #[derive(Debug)]
 pub(crate) struct Srcu {
+    /// The owning `Mm`'s id, under which read sections are marked in the thread's context
+    /// record.
+    mm_id: u64,
     index: AtomicUsize,
     readers: [AtomicUsize; 2],
     waiters: AtomicUsize,
@@ -72,8 +79,9 @@ pub(crate) struct Srcu {
 }
 
 impl Srcu {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(mm_id: u64) -> Self {
         Srcu {
+            mm_id,
             index: AtomicUsize::new(0),
             readers: [AtomicUsize::new(0), AtomicUsize::new(0)],
             waiters: AtomicUsize::new(0),
@@ -83,21 +91,38 @@ impl Srcu {
         }
     }
 
-    /// Enters a read section. Never blocks.
-    pub(crate) fn read_lock(&self) -> SrcuReadGuard<'_> {
+    /// Enters a read section of the given kind (a guard or a walk). Never blocks.
+    ///
+    /// The thread is marked in its context record first, so that the deadlock check sees
+    /// every read section, for as long as it lasts (see `context.rs`).
+    pub(crate) fn read_lock(&self, kind: ScopeKind) -> SrcuReadGuard<'_> {
+        debug_assert!(!matches!(kind, ScopeKind::Callback { .. }));
+        let scope = Scope::enter(self.mm_id, kind);
         loop {
-            // Acquire: pairs with the Release flip in `synchronize`. A reader that sees a flipped
-            // index sees everything the writer published before flipping, even when its fence
-            // comes first in the SeqCst order (then the writer does not wait for it).
-            let i = self.index.load(Ordering::Acquire);
+            // Relaxed: this load only picks the counter to increment; nothing is read on the
+            // strength of it. The section is entered only through the re-load below, which
+            // comes later in program order and so reads this same flip or a later one
+            // (read-read coherence); its Acquire synchronises with the flip it reads, and
+            // every earlier flip happens before that one (writers are serialised by `gp`). An
+            // Acquire here would add no visibility. (`loom_srcu_reader_straddles_flips_of_two_writers`
+            // passes with it Relaxed.)
+            let i = self.index.load(Ordering::Relaxed);
             self.readers[i].fetch_add(1, Ordering::Relaxed);
             // Pairs with the fence in `synchronize`: see the module docs.
             fence(Ordering::SeqCst);
+            // Acquire, and it must be: pairs with the Release flip in `synchronize`. The case
+            // that needs it is a reader whose fence comes *before* the fence of the writer whose
+            // flip this load reads. That writer drains the other counter (the index it read
+            // equals `i` only because two flips, by two different writers, happened since the
+            // first load), so it never waits for this reader; the only edge from its
+            // publication to this read section is this load synchronising with its flip.
+            // Relaxed here fails `loom_srcu_reader_straddles_flips_of_two_writers`.
             if self.index.load(Ordering::Acquire) == i {
                 // INVARIANT: readers[i] was incremented for exactly this guard.
                 return SrcuReadGuard {
                     srcu: self,
                     index: i,
+                    _scope: scope,
                     _not_send: PhantomData,
                 };
             }
@@ -126,7 +151,7 @@ impl Srcu {
     pub(crate) fn synchronize(&self) {
         let _gp = self.gp.lock();
         let old = self.index.load(Ordering::Relaxed);
-        // Release: pairs with the Acquire loads of the index in `read_lock`.
+        // Release: pairs with the Acquire re-load of the index in `read_lock`.
         self.index.store(1 - old, Ordering::Release);
         self.waiters.fetch_add(1, Ordering::Relaxed);
         // Pairs with the fence in `read_lock` (flip vs. increment) and with the one in
@@ -146,18 +171,24 @@ impl Srcu {
 ///
 /// # Invariants
 ///
-/// The guard accounts for one unit of `srcu.readers[index]`. It is `!Send`: read sections are
-/// recorded per thread by the deadlock checks.
+/// The guard accounts for one unit of `srcu.readers[index]`, and its `_scope` marks the
+/// thread for the whole section: entered before the section began, left (as a field, after
+/// `drop` ran) after it ended. It is `!Send`: read sections are recorded per thread by the
+/// deadlock checks.
 #[must_use = "the read section ends as soon as the guard is dropped"]
 #[derive(Debug)]
 pub(crate) struct SrcuReadGuard<'a> {
     srcu: &'a Srcu,
     index: usize,
+    _scope: Scope,
     _not_send: PhantomData<*const ()>,
 }
 
 impl Drop for SrcuReadGuard<'_> {
     fn drop(&mut self) {
+        if crate::sync::unwinding_under_loom() {
+            return;
+        }
         self.srcu.read_unlock(self.index);
     }
 }

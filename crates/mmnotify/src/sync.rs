@@ -30,7 +30,26 @@ pub(crate) use loom::thread_local;
 #[cfg(not(loom))]
 pub(crate) use std::thread_local;
 
-use std::sync::PoisonError;
+use std::sync::{PoisonError, TryLockError};
+
+/// Whether an engine destructor must leave the concurrency backend alone because the thread is
+/// unwinding out of a failed loom execution. Always `false` outside loom.
+///
+/// When loom finds a deadlock it panics on the thread that blocked last, and from then on the
+/// execution has no active thread: every loom operation (an atomic, a lock, a loom
+/// thread-local) panics again. A destructor that ran such an operation while that first panic
+/// unwinds (a guard ending its read section, a `Scope` removing its mark) would panic inside a
+/// destructor during cleanup, which aborts the whole test binary instead of failing the one
+/// model. The same unwinding happens after a failed assertion in a model, where a destructor
+/// that blocks on a lock can turn it into a deadlock inside a destructor too. The execution
+/// is lost either way, so the destructors skip their bookkeeping instead.
+///
+/// Consequence for loom models: a panic that a model deliberately catches leaves the engine's
+/// bookkeeping behind (a read section, a thread mark), so no model relies on catching one.
+#[inline]
+pub(crate) fn unwinding_under_loom() -> bool {
+    cfg!(loom) && std::thread::panicking()
+}
 
 use std::time::Duration;
 
@@ -45,6 +64,15 @@ impl<T> Mutex<T> {
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes the lock if it is free; `None` if another holder (this thread included) has it.
+    pub(crate) fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+        match self.0.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
     }
 }
 

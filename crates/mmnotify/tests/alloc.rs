@@ -104,7 +104,10 @@ fn setup(classic: usize, intervals: usize) -> Mm {
     }
     for _ in 0..intervals {
         let _handle = mm
-            .insert_interval(0x1000, 0x1000, Arc::new(NoopInterval))
+            .insert_interval(
+                Range::from_len(0x1000, 0x1000).unwrap(),
+                Arc::new(NoopInterval),
+            )
             .unwrap();
     }
     // Warm up once: thread-locals, lazily initialised state.

@@ -284,33 +284,80 @@ impl IntervalSubscriber for NoopInterval {
     }
 }
 
-/// I1: interval inserts of length 0 or that wrap are typed errors; the last byte is fine.
+/// I1: an interval is a `Range`, so an empty or wrapping interval cannot even be built (typed
+/// errors from `Range`), and no interval can reach past `[.., u64::MAX)`: the top interval is
+/// covered by `Range::ALL`.
+///
+/// Regression (issue 13, item 10): the old `insert_interval(start, len, ..)` accepted
+/// `(u64::MAX, 1)`, an interval that no `Range`, not even the release invalidation's, could
+/// reach; this test did not compile against it.
 #[test]
 fn bad_interval_inserts_are_typed_errors() {
-    let mm = Mm::new();
-    let e = mm
-        .insert_interval(0x1000, 0, Arc::new(NoopInterval))
-        .unwrap_err();
+    let e = Range::from_len(0x1000, 0).unwrap_err();
     assert_eq!(e, Error::EmptyRange { start: 0x1000 });
     assert!(e.to_string().contains("is empty"), "{e}");
 
-    let e = mm
-        .insert_interval(u64::MAX, 2, Arc::new(NoopInterval))
-        .unwrap_err();
+    // One byte past the representable end is refused with the failing values.
+    let e = Range::from_len(u64::MAX - 0x10, 0x11).unwrap_err();
+    assert_eq!(
+        e,
+        Error::RangeOverflow {
+            start: u64::MAX - 0x10,
+            len: 0x11
+        }
+    );
+    assert!(e.to_string().contains("runs past the end"), "{e}");
+    let e = Range::from_len(u64::MAX, 1).unwrap_err();
     assert_eq!(
         e,
         Error::RangeOverflow {
             start: u64::MAX,
-            len: 2
+            len: 1
         }
     );
-    assert!(e.to_string().contains("runs past the end"), "{e}");
-    assert_eq!(mm.interval_state().indexed, 0);
 
-    let h = mm
-        .insert_interval(u64::MAX, 1, Arc::new(NoopInterval))
-        .unwrap();
-    assert_eq!(h.bounds(), (u64::MAX, u64::MAX));
+    // The highest interval there is ends at u64::MAX (exclusive) and is inside Range::ALL.
+    let mm = Mm::new();
+    let top = Range::from_len(u64::MAX - 0x10, 0x10).unwrap();
+    assert_eq!(top.end(), u64::MAX);
+    let h = mm.insert_interval(top, Arc::new(NoopInterval)).unwrap();
+    assert_eq!(h.range(), top);
+    assert!(Range::ALL.overlaps(&h.range()));
+    assert_eq!(Range::ALL, Range::new(0, u64::MAX).unwrap());
+}
+
+/// I33, item 10 of issue 13: an interval ending at `u64::MAX` (exclusive), the highest one can
+/// insert, receives the release invalidation over `Range::ALL`, and its callback sees its own
+/// range back through `IntervalCtx::range`.
+///
+/// Regression: the old API let an interval contain byte `u64::MAX`, which the release
+/// invalidation `[0, u64::MAX)` never reached; the old API also had no `range()`.
+#[test]
+fn top_interval_receives_the_release_invalidation() {
+    struct Recorder {
+        seen: Mutex<Vec<(Range, Range, Event)>>,
+    }
+    impl IntervalSubscriber for Recorder {
+        fn invalidate(&self, ctx: &IntervalCtx<'_>, inv: &Invalidation) -> Invalidate {
+            ctx.set_seq();
+            self.seen
+                .lock()
+                .unwrap()
+                .push((ctx.range(), inv.range(), inv.event()));
+            Invalidate::Done
+        }
+    }
+    let mm = Mm::new();
+    let rec = Arc::new(Recorder {
+        seen: Mutex::default(),
+    });
+    let top = Range::new(u64::MAX - 0x1000, u64::MAX).unwrap();
+    let _h = mm.insert_interval(top, rec.clone()).unwrap();
+    mm.release().unwrap();
+    assert_eq!(
+        *rec.seen.lock().unwrap(),
+        vec![(top, Range::ALL, Event::Release)]
+    );
 }
 
 /// I11: registering the very same object twice is `AlreadyRegistered`, naming the existing id.
@@ -363,7 +410,10 @@ fn subscribing_after_release_is_released() {
         .unwrap_err();
     assert_eq!(e, Error::Released);
     let e = mm
-        .insert_interval(0x1000, 0x1000, Arc::new(NoopInterval))
+        .insert_interval(
+            Range::from_len(0x1000, 0x1000).unwrap(),
+            Arc::new(NoopInterval),
+        )
         .unwrap_err();
     assert_eq!(e, Error::Released);
     assert!(mm.subscribers().is_empty());
@@ -457,7 +507,9 @@ fn blockability_is_set_by_the_dispatcher() {
     p.on_end(move |inv| eb.lock().unwrap().push(inv.is_blockable()));
     mm.register(p.clone()).unwrap();
     let iv = Arc::new(SeeInterval(Mutex::new(Vec::new())));
-    let _h = mm.insert_interval(0x1000, 0x1000, iv.clone()).unwrap();
+    let _h = mm
+        .insert_interval(Range::from_len(0x1000, 0x1000).unwrap(), iv.clone())
+        .unwrap();
 
     let g = mm
         .invalidate_start(range(0x1000, 0x2000), Event::Unmap)
@@ -838,7 +890,7 @@ fn blocking_calls_inside_a_callback_would_deadlock() {
     let (mm2, res2, log2) = (mm.clone(), results.clone(), log.clone());
     p.on_start(move |_| {
         let mut r = res2.lock().unwrap();
-        r.push((BlockingOp::Unregister, mm2.unregister(id)));
+        r.push((BlockingOp::Unregister, mm2.unregister(id).map(|_| ())));
         r.push((BlockingOp::Synchronize, mm2.synchronize()));
         r.push((BlockingOp::Release, mm2.release()));
         r.push((
@@ -870,7 +922,7 @@ fn blocking_calls_holding_a_guard_would_deadlock() {
     let p = Probe::arc("p", START_END, &log);
     let id = mm.register(p.clone()).unwrap();
     let g = mm.invalidate_start(range(0, 0x1000), Event::Unmap).unwrap();
-    let e = mm.unregister(id);
+    let e = mm.unregister(id).map(|_| ());
     assert_deadlock(e.clone(), BlockingOp::Unregister, DeadlockCause::HoldsGuard);
     assert!(e.unwrap_err().to_string().contains("end the guard first"));
     assert_deadlock(
@@ -907,7 +959,7 @@ fn nonblocking_context_is_tracked_and_enforced() {
                 .push((BlockingOp::InvalidateStart, blocking_start));
             res2.lock()
                 .unwrap()
-                .push((BlockingOp::Unregister, mm2.unregister(id)));
+                .push((BlockingOp::Unregister, mm2.unregister(id).map(|_| ())));
         }
     });
     assert!(!in_nonblocking_context());
@@ -1319,7 +1371,7 @@ fn panicking_start_ends_the_others_and_propagates() {
         mm.register(p.clone()).unwrap();
     }
     let _iv = mm
-        .insert_interval(0, 0x1000, Arc::new(NoopInterval))
+        .insert_interval(Range::from_len(0, 0x1000).unwrap(), Arc::new(NoopInterval))
         .unwrap();
     b.panic_start.store(true, SeqCst);
     let r = catch_unwind(AssertUnwindSafe(|| {

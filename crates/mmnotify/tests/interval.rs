@@ -218,7 +218,9 @@ fn intervals_before_classic_and_epoch_closed_before_ends() {
     let mm = Mm::new();
     let log = new_log();
     let iv = Iv::arc("iv", Mode::Done, &log);
-    let _h = mm.insert_interval(0x1000, 0x1000, iv.clone()).unwrap();
+    let _h = mm
+        .insert_interval(Range::from_len(0x1000, 0x1000).unwrap(), iv.clone())
+        .unwrap();
     let c = Classic::arc("c", KVM, false, &log);
     let states = Arc::new(Mutex::new(Vec::new()));
     {
@@ -272,10 +274,14 @@ fn one_callback_per_overlapping_interval() {
     let b = Iv::arc("b", Mode::Done, &log); // [0x2000, 0x2fff]
     let c = Iv::arc("c", Mode::Done, &log); // [0x3000, 0x3fff]
     let big = Iv::arc("big", Mode::Done, &log); // [0x0, 0xffff]
-    mm.insert_interval(0x1000, 0x1000, a.clone()).unwrap();
-    mm.insert_interval(0x2000, 0x1000, b.clone()).unwrap();
-    mm.insert_interval(0x3000, 0x1000, c.clone()).unwrap();
-    mm.insert_interval(0, 0x10000, big.clone()).unwrap();
+    mm.insert_interval(Range::from_len(0x1000, 0x1000).unwrap(), a.clone())
+        .unwrap();
+    mm.insert_interval(Range::from_len(0x2000, 0x1000).unwrap(), b.clone())
+        .unwrap();
+    mm.insert_interval(Range::from_len(0x3000, 0x1000).unwrap(), c.clone())
+        .unwrap();
+    mm.insert_interval(Range::from_len(0, 0x10000).unwrap(), big.clone())
+        .unwrap();
 
     let check = |r: Range, expect: [u64; 4]| {
         let before = [a.calls(), b.calls(), c.calls(), big.calls()];
@@ -303,9 +309,13 @@ fn nonblocking_interval_refusal_stops_the_walk() {
     let a = Iv::arc("a", Mode::Finish, &log);
     let b = Iv::arc("b", Mode::RefuseNonBlocking, &log);
     let c = Iv::arc("c", Mode::Done, &log);
-    mm.insert_interval(0x0000, 0x1000, a.clone()).unwrap();
-    let hb = mm.insert_interval(0x1000, 0x1000, b.clone()).unwrap();
-    mm.insert_interval(0x2000, 0x1000, c.clone()).unwrap();
+    mm.insert_interval(Range::from_len(0x0000, 0x1000).unwrap(), a.clone())
+        .unwrap();
+    let hb = mm
+        .insert_interval(Range::from_len(0x1000, 0x1000).unwrap(), b.clone())
+        .unwrap();
+    mm.insert_interval(Range::from_len(0x2000, 0x1000).unwrap(), c.clone())
+        .unwrap();
     let k = Classic::arc("k", KVM, false, &log);
     mm.register(k.clone()).unwrap();
 
@@ -325,7 +335,7 @@ fn nonblocking_interval_refusal_stops_the_walk() {
     assert_eq!(k.starts.load(SeqCst) + k.ends.load(SeqCst), 0);
     assert!(idle(mm.interval_state()), "{:?}", mm.interval_state());
     // The interval can be read again at once.
-    let seq = hb.read_begin_timeout(Instant::now() + HANG).unwrap();
+    let seq = hb.read_begin_until(Instant::now() + HANG).unwrap();
     assert!(!hb.read_retry(seq));
 }
 
@@ -344,7 +354,9 @@ fn leak_scenario(policy: Policy) -> LeakScenario {
     let mm = Mm::with_policy(policy);
     let log = new_log();
     let iv = Iv::arc("hmm", Mode::Done, &log);
-    let handle = mm.insert_interval(0x10000, 0x10000, iv.clone()).unwrap();
+    let handle = mm
+        .insert_interval(Range::from_len(0x10000, 0x10000).unwrap(), iv.clone())
+        .unwrap();
     let nouveau = Classic::arc("nouveau", NOUVEAU, true, &log);
     let nid = mm.register(nouveau).unwrap();
     let err = mm
@@ -378,7 +390,7 @@ fn kernel_leaks_the_epoch_after_a_classic_refusal() {
     assert_eq!(st.seq % 2, 1, "epoch still open: {st:?}");
     let e = s
         .handle
-        .read_begin_timeout(Instant::now() + Duration::from_millis(200))
+        .read_begin_timeout(Duration::from_millis(200))
         .unwrap_err();
     assert!(
         matches!(e, Error::ReadBeginTimeout { id, .. } if id == s.handle.id()),
@@ -398,7 +410,7 @@ fn legacy_leaks_the_epoch_too() {
     assert_eq!((st.active, st.seq % 2), (1, 1), "{st:?}");
     let e = s
         .handle
-        .read_begin_timeout(Instant::now() + Duration::from_millis(200))
+        .read_begin_timeout(Duration::from_millis(200))
         .unwrap_err();
     assert!(matches!(e, Error::ReadBeginTimeout { .. }), "{e:?}");
 }
@@ -411,7 +423,7 @@ fn exact_closes_the_epoch_after_a_classic_refusal() {
     assert!(idle(s.mm.interval_state()), "{:?}", s.mm.interval_state());
     let seq = s
         .handle
-        .read_begin_timeout(Instant::now() + Duration::from_millis(200))
+        .read_begin_timeout(Duration::from_millis(200))
         .expect("read_begin returns");
     assert_eq!(seq.value() % 2, 1);
     assert!(!s.handle.read_retry(seq));
@@ -428,7 +440,9 @@ fn sequence_parity_and_freshness() {
     let mm = Mm::new();
     let log = new_log();
     let iv = Iv::arc("iv", Mode::Done, &log);
-    let h = mm.insert_interval(0x1000, 0x1000, iv.clone()).unwrap();
+    let h = mm
+        .insert_interval(Range::from_len(0x1000, 0x1000).unwrap(), iv.clone())
+        .unwrap();
     let s0 = mm.interval_state();
     assert!(idle(s0));
     let first = h.read_begin().unwrap();
@@ -497,12 +511,16 @@ fn inserts_and_removes_during_an_epoch_are_deferred() {
     let mm = Mm::new();
     let log = new_log();
     let a = Iv::arc("a", Mode::Done, &log);
-    let ha = mm.insert_interval(0x1000, 0x1000, a.clone()).unwrap();
+    let ha = mm
+        .insert_interval(Range::from_len(0x1000, 0x1000).unwrap(), a.clone())
+        .unwrap();
     let g = mm
         .invalidate_start(range(0x1000, 0x2000), Event::Unmap)
         .unwrap();
     let b = Iv::arc("b", Mode::Done, &log);
-    let hb = mm.insert_interval(0x4000, 0x1000, b.clone()).unwrap();
+    let hb = mm
+        .insert_interval(Range::from_len(0x4000, 0x1000).unwrap(), b.clone())
+        .unwrap();
     let st = mm.interval_state();
     assert_eq!((st.indexed, st.deferred), (1, 1), "{st:?}");
     // A nested range of the same epoch over b's interval does not see it yet.
@@ -544,14 +562,20 @@ fn insert_while_in_flight_waits_for_the_ranges() {
     let mm = Mm::new();
     let log = new_log();
     let _first = mm
-        .insert_interval(0x100000, 0x1000, Iv::arc("x", Mode::Done, &log))
+        .insert_interval(
+            Range::from_len(0x100000, 0x1000).unwrap(),
+            Iv::arc("x", Mode::Done, &log),
+        )
         .unwrap();
     let g = mm
         .invalidate_start(range(0x1000, 0x2000), Event::Unmap)
         .unwrap();
     assert_eq!(mm.interval_state().seq % 2, 0, "nothing overlapped yet");
     let h = mm
-        .insert_interval(0x1000, 0x1000, Iv::arc("late", Mode::Done, &log))
+        .insert_interval(
+            Range::from_len(0x1000, 0x1000).unwrap(),
+            Iv::arc("late", Mode::Done, &log),
+        )
         .unwrap();
     let st = mm.interval_state();
     assert_eq!((st.seq % 2, st.indexed, st.deferred), (1, 2, 0), "{st:?}");
@@ -579,14 +603,17 @@ fn read_begin_waits_for_the_tagging_epoch() {
     let mm = Mm::new();
     let log = new_log();
     let h = mm
-        .insert_interval(0x1000, 0x1000, Iv::arc("iv", Mode::Done, &log))
+        .insert_interval(
+            Range::from_len(0x1000, 0x1000).unwrap(),
+            Iv::arc("iv", Mode::Done, &log),
+        )
         .unwrap();
     let before = h.read_begin().unwrap();
     let g = mm
         .invalidate_start(range(0x1000, 0x2000), Event::Unmap)
         .unwrap();
     assert!(h.read_retry(before), "the callback ran after read_begin");
-    assert!(h.check_retry(&before));
+    assert!(h.check_retry(before));
     assert_deadlock(
         h.read_begin(),
         BlockingOp::ReadBegin,
@@ -596,9 +623,7 @@ fn read_begin_waits_for_the_tagging_epoch() {
     let (tx, rx) = mpsc::channel();
     {
         let h2 = h.clone();
-        let timed = thread::spawn(move || {
-            h2.read_begin_timeout(Instant::now() + Duration::from_millis(100))
-        });
+        let timed = thread::spawn(move || h2.read_begin_timeout(Duration::from_millis(100)));
         let e = timed.join().unwrap().unwrap_err();
         match e {
             Error::ReadBeginTimeout { id, waited } => {
@@ -629,7 +654,9 @@ fn blocking_interval_calls_inside_callbacks() {
     let mm = Mm::new();
     let log = new_log();
     let iv = Iv::arc("iv", Mode::Done, &log);
-    let h = mm.insert_interval(0x1000, 0x1000, iv.clone()).unwrap();
+    let h = mm
+        .insert_interval(Range::from_len(0x1000, 0x1000).unwrap(), iv.clone())
+        .unwrap();
     let results = Arc::new(Mutex::new(Vec::new()));
     let cell = Arc::new(OnceLock::<IntervalHandle>::new());
     cell.set(h.clone()).unwrap();
@@ -692,10 +719,15 @@ fn remove_semantics() {
     let mm = Mm::new();
     let log = new_log();
     let a = Iv::arc("a", Mode::Done, &log);
-    let ha = mm.insert_interval(0x1000, 0x1000, a.clone()).unwrap();
+    let ha = mm
+        .insert_interval(Range::from_len(0x1000, 0x1000).unwrap(), a.clone())
+        .unwrap();
     let other = Mm::new();
     let ho = other
-        .insert_interval(0x1000, 0x1000, Iv::arc("o", Mode::Done, &log))
+        .insert_interval(
+            Range::from_len(0x1000, 0x1000).unwrap(),
+            Iv::arc("o", Mode::Done, &log),
+        )
         .unwrap();
     assert_eq!(
         mm.remove_interval(&ho).unwrap_err(),
@@ -718,7 +750,10 @@ fn remove_semantics() {
         let (qtx, qrx) = mpsc::channel();
         thread::spawn(move || {
             let hb = mm2
-                .insert_interval(0x1800, 0x1000, Iv::arc("b", Mode::Done, &log2))
+                .insert_interval(
+                    Range::from_len(0x1800, 0x1000).unwrap(),
+                    Iv::arc("b", Mode::Done, &log2),
+                )
                 .unwrap();
             assert_eq!(mm2.interval_state().deferred, 1);
             qtx.send(mm2.remove_interval(&hb)).unwrap();
@@ -777,9 +812,12 @@ fn two_pass_finish_order() {
     let a = Iv::arc("a", Mode::Finish, &log);
     let b = Iv::arc("b", Mode::Done, &log);
     let c = Iv::arc("c", Mode::Finish, &log);
-    mm.insert_interval(0x0000, 0x1000, a.clone()).unwrap();
-    mm.insert_interval(0x1000, 0x1000, b.clone()).unwrap();
-    mm.insert_interval(0x2000, 0x1000, c.clone()).unwrap();
+    mm.insert_interval(Range::from_len(0x0000, 0x1000).unwrap(), a.clone())
+        .unwrap();
+    mm.insert_interval(Range::from_len(0x1000, 0x1000).unwrap(), b.clone())
+        .unwrap();
+    mm.insert_interval(Range::from_len(0x2000, 0x1000).unwrap(), c.clone())
+        .unwrap();
     let k = Classic::arc("k", KVM, false, &log);
     mm.register(k).unwrap();
     mm.invalidate_start(range(0, 0x3000), Event::Unmap)
@@ -811,7 +849,9 @@ fn release_sends_one_release_invalidation() {
     let mm = Mm::new();
     let log = new_log();
     let iv = Iv::arc("iv", Mode::Done, &log);
-    let h = mm.insert_interval(0x1000, 0x1000, iv.clone()).unwrap();
+    let h = mm
+        .insert_interval(Range::from_len(0x1000, 0x1000).unwrap(), iv.clone())
+        .unwrap();
     let k = Classic::arc("k", KVM, false, &log);
     mm.register(k.clone()).unwrap();
     mm.release().unwrap();
@@ -845,8 +885,11 @@ fn panicking_interval_callback_closes_the_epoch() {
     let log = new_log();
     let a = Iv::arc("a", Mode::Finish, &log);
     let p = Iv::arc("p", Mode::Panic, &log);
-    mm.insert_interval(0x0000, 0x1000, a.clone()).unwrap();
-    let hp = mm.insert_interval(0x1000, 0x1000, p.clone()).unwrap();
+    mm.insert_interval(Range::from_len(0x0000, 0x1000).unwrap(), a.clone())
+        .unwrap();
+    let hp = mm
+        .insert_interval(Range::from_len(0x1000, 0x1000).unwrap(), p.clone())
+        .unwrap();
     let k = Classic::arc("k", KVM, false, &log);
     mm.register(k.clone()).unwrap();
     let r = catch_unwind(AssertUnwindSafe(|| {
@@ -874,7 +917,9 @@ fn sequence_wraps_around() {
     let mm = Mm::builder().initial_interval_seq(u64::MAX - 5).build();
     let log = new_log();
     let iv = Iv::arc("iv", Mode::Done, &log);
-    let h = mm.insert_interval(0x1000, 0x1000, iv.clone()).unwrap();
+    let h = mm
+        .insert_interval(Range::from_len(0x1000, 0x1000).unwrap(), iv.clone())
+        .unwrap();
     assert_eq!(mm.interval_state().seq, u64::MAX - 5);
     let mut seqs = Vec::new();
     let mut late = None;
@@ -897,7 +942,10 @@ fn sequence_wraps_around() {
         if st.seq == 0 {
             // Idle insert right at the wrap: its tag is S - 1 = u64::MAX, odd and not current.
             let hl = mm
-                .insert_interval(0x8000, 0x1000, Iv::arc("late", Mode::Done, &log))
+                .insert_interval(
+                    Range::from_len(0x8000, 0x1000).unwrap(),
+                    Iv::arc("late", Mode::Done, &log),
+                )
                 .unwrap();
             let t = hl.read_begin().unwrap();
             assert_eq!(t.value(), u64::MAX);

@@ -79,7 +79,9 @@ impl IntervalSubscriber for Iv {
         let mut seen = self.seen();
         ctx.set_seq();
         let r = inv.range();
-        if !r.overlaps_inclusive(self.start, self.last) || ctx.bounds() != (self.start, self.last) {
+        if !r.overlaps_inclusive(self.start, self.last)
+            || (ctx.range().start(), ctx.range().last()) != (self.start, self.last)
+        {
             seen.strays += 1;
         }
         seen.ranges.push((r.start(), r.end()));
@@ -554,7 +556,7 @@ impl StateMachineTest for IntervalTest {
             seen: Mutex::default(),
         });
         let handle = mm
-            .insert_interval(SPACE * 2, 1, dummy)
+            .insert_interval(Range::from_len(SPACE * 2, 1).unwrap(), dummy)
             .expect("first insert");
         mm.remove_interval(&handle).expect("remove the dummy");
         let ivs = s
@@ -568,7 +570,10 @@ impl StateMachineTest for IntervalTest {
                     seen: Mutex::default(),
                 });
                 let handle = mm
-                    .insert_interval(m.start, m.last - m.start + 1, sub.clone())
+                    .insert_interval(
+                        Range::from_len(m.start, m.last - m.start + 1).unwrap(),
+                        sub.clone(),
+                    )
                     .expect("insert while idle");
                 IvSut {
                     handle,
@@ -602,9 +607,9 @@ impl StateMachineTest for IntervalTest {
                 });
                 let handle = sut
                     .mm
-                    .insert_interval(start, len, sub.clone())
+                    .insert_interval(Range::from_len(start, len).unwrap(), sub.clone())
                     .unwrap_or_else(|e| panic!("{what}: {e}"));
-                assert_eq!(handle.bounds(), (start, start + len - 1));
+                assert_eq!(handle.range(), Range::from_len(start, len).unwrap());
                 sut.ivs.push(IvSut {
                     handle,
                     sub,
@@ -650,7 +655,7 @@ impl StateMachineTest for IntervalTest {
                     } else {
                         Instant::now() + NO_WAIT
                     };
-                    handle.read_begin_timeout(deadline)
+                    handle.read_begin_until(deadline)
                 } else {
                     handle.read_begin()
                 };
@@ -667,7 +672,7 @@ impl StateMachineTest for IntervalTest {
                 let want = Expect::Retry(v.handle.read_retry(read));
                 assert_eq!(want, s.expect, "{what}: read_retry (I30)");
                 assert_eq!(
-                    v.handle.check_retry(&read),
+                    v.handle.check_retry(read),
                     v.handle.read_retry(read),
                     "{what}: check_retry agrees single-threaded"
                 );

@@ -239,7 +239,8 @@ struct Model {
     canary: bool,
     released: bool,
     slots: Vec<SlotModel>,
-    /// Linked slots in registration (call) order: the current snapshot.
+    /// Linked slots in call order (registration order under Exact, newest first under the
+    /// Linux policies): the current snapshot.
     order: Vec<usize>,
     /// `get_or_register` key → (slot, use count).
     shared: [Option<(usize, u64)>; KEYS],
@@ -287,7 +288,13 @@ impl Model {
             violations: 0,
         });
         let slot = self.slots.len() - 1;
-        self.order.push(slot);
+        // I3: Linux's list is built with hlist_add_head_rcu (newest first); Exact calls in
+        // registration order.
+        if self.policy == Policy::Exact {
+            self.order.push(slot);
+        } else {
+            self.order.insert(0, slot);
+        }
         slot
     }
 
@@ -771,7 +778,7 @@ impl<P: PolicyKind> StateMachineTest for CoreTest<P> {
         let canary = s.canary.then(|| {
             let sub = Arc::new(Canary::default());
             let handle = mm
-                .insert_interval(0, u64::MAX, sub.clone())
+                .insert_interval(Range::from_len(0, u64::MAX).unwrap(), sub.clone())
                 .expect("insert the canary");
             (handle, sub)
         });
@@ -813,11 +820,11 @@ impl<P: PolicyKind> StateMachineTest for CoreTest<P> {
                 check_registration(&mut sut, &s.expect, got, rec, allocated, &what);
             }
             Transition::Unregister(slot) => {
-                let got = mm.unregister(sut.slots[slot].id);
+                let got = mm.unregister(sut.slots[slot].id).map(|_| ());
                 check_unit(&sut, &s.expect, got, &what);
             }
             Transition::UnregisterForeign => {
-                let got = mm.unregister(sut.foreign);
+                let got = mm.unregister(sut.foreign).map(|_| ());
                 check_unit(&sut, &s.expect, got, &what);
             }
             Transition::Put(slot) => {

@@ -203,7 +203,7 @@ fn teardown_after_process_exit() {
     assert_eq!(mm.get_or_register(|| Arc::new(Shared)), Ok(shared_id));
     mm.release().unwrap();
 
-    assert_eq!(mm.unregister(plain_id), Ok(()));
+    assert_eq!(mm.unregister(plain_id).map(|s| s.releases), Ok(1));
     assert_eq!(
         mm.unregister(plain_id),
         Err(Error::NotRegistered { id: plain_id })
@@ -253,8 +253,7 @@ fn subscriber_drop_at_epoch_close_may_call_the_mm() {
     let dropped = Arc::new(AtomicBool::new(false));
     let handle = mm
         .insert_interval(
-            0x1000,
-            0x1000,
+            Range::from_len(0x1000, 0x1000).unwrap(),
             Arc::new(Mirror {
                 dropped: dropped.clone(),
                 mm_on_drop: Some(mm.clone()),
@@ -279,8 +278,7 @@ fn read_begin_on_a_removed_interval_is_an_error() {
     let mm = Mm::new();
     let handle = mm
         .insert_interval(
-            0x1000,
-            0x1000,
+            Range::from_len(0x1000, 0x1000).unwrap(),
             Arc::new(Mirror {
                 dropped: Arc::new(AtomicBool::new(false)),
                 mm_on_drop: None,
@@ -302,8 +300,7 @@ fn dropping_the_mm_drops_inserted_intervals() {
     let mm = Mm::new();
     let handle = mm
         .insert_interval(
-            0x1000,
-            0x1000,
+            Range::from_len(0x1000, 0x1000).unwrap(),
             Arc::new(Mirror {
                 dropped: dropped.clone(),
                 mm_on_drop: None,

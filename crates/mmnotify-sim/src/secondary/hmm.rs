@@ -183,10 +183,7 @@ impl HmmMirror {
             mirror: self.name.clone(),
         })?;
         let _migrating = self.migrating.lock();
-        let seq = match self
-            .handle
-            .read_begin_timeout(std::time::Instant::now() + self.timeout)
-        {
+        let seq = match self.handle.read_begin_timeout(self.timeout) {
             Ok(seq) => seq,
             Err(e) => {
                 if let mmnotify::Error::ReadBeginTimeout { waited, .. } = e {

@@ -233,7 +233,7 @@ pub(crate) fn collision_retry_fault(
     hangs: &crate::sync::Mutex<Vec<Hang>>,
 ) -> Result<FaultOutcome, crate::SimError> {
     for _ in 0..MAX_FAULT_RETRIES {
-        let seq = match handle.read_begin_timeout(std::time::Instant::now() + timeout) {
+        let seq = match handle.read_begin_timeout(timeout) {
             Ok(seq) => seq,
             Err(mmnotify::Error::ReadBeginTimeout { waited, .. }) => {
                 hangs.lock().push(Hang {
@@ -265,7 +265,7 @@ pub(crate) fn probe_read_begin(
     timeout: Duration,
     hangs: &crate::sync::Mutex<Vec<Hang>>,
 ) -> Result<WaitOutcome, crate::SimError> {
-    match handle.read_begin_timeout(std::time::Instant::now() + timeout) {
+    match handle.read_begin_timeout(timeout) {
         Ok(_) => Ok(WaitOutcome::Ok),
         Err(mmnotify::Error::ReadBeginTimeout { waited, .. }) => {
             hangs.lock().push(Hang {

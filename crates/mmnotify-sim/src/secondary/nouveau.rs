@@ -145,10 +145,7 @@ impl NouveauLike {
         self.regions
             .lock()
             .iter()
-            .find(|h| {
-                let (s, l) = h.bounds();
-                s <= addr && addr <= l
-            })
+            .find(|h| h.range().contains(addr))
             .cloned()
     }
 

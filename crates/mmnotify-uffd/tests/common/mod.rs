@@ -4,6 +4,7 @@
 
 #![allow(dead_code, unreachable_pub, clippy::disallowed_types)]
 
+use mmnotify::Range;
 use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::process::Command;
@@ -187,7 +188,10 @@ pub fn mirror_region(w: &Watcher, addr: u64, pages: usize) -> Region {
     assert!(report.is_complete(), "{report:?}");
     let mirror = Arc::new(Mirror::default());
     let iv = w
-        .insert_interval(addr, (pages * ps()) as u64, mirror.clone())
+        .insert_interval(
+            Range::from_len(addr, (pages * ps()) as u64).unwrap(),
+            mirror.clone(),
+        )
         .expect("insert_interval");
     assert!(mirror.fill(&iv, addr, pages));
     assert_eq!(mirror.len(), pages);

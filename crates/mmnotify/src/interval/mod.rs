@@ -1,8 +1,8 @@
 //! Interval subscriptions: one callback per overlapping invalidation, and the collision-retry
 //! protocol that lets a mirror populate itself without holding a lock across the slow part.
 //!
-//! An interval subscriber covers a fixed inclusive range `[start, last]` of the address space
-//! (Linux's `mmu_interval_notifier`). It has no start/end pair: it gets one
+//! An interval subscriber covers a fixed half-open [`Range`] `[start, end)` of the address space
+//! (Linux's `mmu_interval_notifier`, which stores the inclusive `[start, last]`). It has no start/end pair: it gets one
 //! [`IntervalSubscriber::invalidate`] call per invalidation that overlaps it, before any
 //! classic start, and keeps new mappings out until the invalidation is over through the
 //! sequence protocol of [`seq`] rather than through an end callback:
@@ -21,6 +21,26 @@
 //!   }
 //! ```
 //!
+//! # Who owns what
+//!
+//! ```text
+//!   IntervalHandle ──► IntervalNode ──► Itree (the Mm's interval state)
+//!                                         │ index / deferred queue entries
+//!                                         ▼
+//!                  Arc<IntervalEntry { node, subscriber }> ──► the subscriber
+//! ```
+//!
+//! The node (what handles and callbacks' [`IntervalCtx`] point at) does *not* own the
+//! subscriber: only the interval state's entries do, for as long as the interval is inserted or
+//! queued for insertion. So a subscriber may store its own [`IntervalHandle`] (natural for a
+//! device struct whose fault path calls `read_begin`) without forming a cycle: removing the
+//! interval drops the entry, hence the subscriber, hence its handle and the node. Dropping the
+//! `Mm` empties the state (every interval counts as removed), which drops every interval
+//! subscriber even while handles live. An invalidation clones the entry's `Arc` while it
+//! collects its hits under the interval lock, so a callback never races with the drop: the fast
+//! path costs what it cost when the node owned the subscriber (one reference count per hit, no
+//! lock, no allocation up to the inline hit count), plus one pointer hop to reach the node.
+//!
 //! Module map: [`seq`] holds the per-`Mm` state (sequence, active-range count,
 //! deferred queue) and its proofs; [`index`] the overlap index.
 
@@ -29,10 +49,10 @@ pub mod seq;
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::error::Result;
-use crate::range::Invalidation;
+use crate::range::{Invalidation, Range};
 use crate::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 pub(crate) use seq::Itree;
@@ -131,19 +151,17 @@ impl Membership {
     }
 }
 
-/// One interval subscription.
+/// One interval subscription, as handles and callbacks see it. It does not own the subscriber
+/// (see [`IntervalEntry`] and the module docs).
 ///
 /// # Invariants
 ///
-/// * `start <= last`.
 /// * `seq` is always odd (it only ever holds a past or current epoch value, or the value
 ///   "just before" the sequence at insertion, which is odd because the sequence was even).
 /// * `membership` changes only under the owning [`Itree`]'s lock.
 pub(crate) struct IntervalNode {
     pub(crate) id: IntervalId,
-    pub(crate) start: u64,
-    pub(crate) last: u64,
-    pub(crate) subscriber: Arc<dyn IntervalSubscriber>,
+    pub(crate) range: Range,
     pub(crate) seq: AtomicU64,
     membership: AtomicU8,
     pub(crate) itree: Arc<Itree>,
@@ -153,8 +171,7 @@ impl fmt::Debug for IntervalNode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IntervalNode")
             .field("id", &self.id)
-            .field("start", &format_args!("{:#x}", self.start))
-            .field("last", &format_args!("{:#x}", self.last))
+            .field("range", &self.range)
             .field("seq", &self.seq.load(Ordering::Relaxed))
             .field("membership", &self.membership())
             .finish_non_exhaustive()
@@ -162,18 +179,10 @@ impl fmt::Debug for IntervalNode {
 }
 
 impl IntervalNode {
-    pub(crate) fn new(
-        id: IntervalId,
-        start: u64,
-        last: u64,
-        subscriber: Arc<dyn IntervalSubscriber>,
-        itree: Arc<Itree>,
-    ) -> Self {
+    pub(crate) fn new(id: IntervalId, range: Range, itree: Arc<Itree>) -> Self {
         IntervalNode {
             id,
-            start,
-            last,
-            subscriber,
+            range,
             seq: AtomicU64::new(1),
             membership: AtomicU8::new(Membership::Removed as u8),
             itree,
@@ -187,6 +196,35 @@ impl IntervalNode {
     /// Only under the interval lock.
     pub(crate) fn set_membership(&self, m: Membership) {
         self.membership.store(m as u8, Ordering::Relaxed);
+    }
+
+    /// The first address of the interval (the index works on inclusive bounds).
+    pub(crate) fn start(&self) -> u64 {
+        self.range.start()
+    }
+
+    /// The last address of the interval, inclusive.
+    pub(crate) fn last(&self) -> u64 {
+        self.range.last()
+    }
+}
+
+/// What the interval state stores, behind an `Arc`, for an inserted (or queued) interval: the
+/// node and the one engine-owned reference to its subscriber.
+///
+/// # Invariants
+///
+/// An entry exists only in the index or the deferred queue of the node's own `Itree`, or,
+/// briefly, in an invalidation's hits (which end before a removal that must wait for them
+/// returns) or on the way to being dropped outside the interval lock.
+pub(crate) struct IntervalEntry {
+    pub(crate) node: Arc<IntervalNode>,
+    pub(crate) subscriber: Arc<dyn IntervalSubscriber>,
+}
+
+impl fmt::Debug for IntervalEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.node, f)
     }
 }
 
@@ -221,9 +259,9 @@ impl IntervalCtx<'_> {
         self.node.id
     }
 
-    /// The interval's bounds, inclusive.
-    pub fn bounds(&self) -> (u64, u64) {
-        (self.node.start, self.node.last)
+    /// The interval's range, half-open as everywhere in the API.
+    pub fn range(&self) -> Range {
+        self.node.range
     }
 
     /// Removes this interval when the current epoch closes, without waiting (allowed here,
@@ -250,7 +288,9 @@ impl ReadSeq {
 /// The owner's handle to an interval subscription: the read side of the collision-retry
 /// protocol. Removal goes through [`Mm::remove_interval`](crate::Mm::remove_interval).
 ///
-/// Dropping the handle does not remove the interval.
+/// Dropping the handle does not remove the interval. The handle does not keep the subscriber
+/// alive: the subscriber may store its own handle, and it is dropped when the interval is removed
+/// or the `Mm` is dropped, whichever comes first.
 #[derive(Debug, Clone)]
 pub struct IntervalHandle {
     pub(crate) node: Arc<IntervalNode>,
@@ -262,9 +302,9 @@ impl IntervalHandle {
         self.node.id
     }
 
-    /// The interval's bounds, inclusive.
-    pub fn bounds(&self) -> (u64, u64) {
-        (self.node.start, self.node.last)
+    /// The interval's range, half-open as everywhere in the API.
+    pub fn range(&self) -> Range {
+        self.node.range
     }
 
     /// Begins a read: waits while the invalidation epoch that last touched this interval is
@@ -283,6 +323,40 @@ impl IntervalHandle {
         self.node.itree.read_begin(&self.node, None)
     }
 
+    /// Like [`read_begin`](Self::read_begin), but waits at most `timeout`.
+    ///
+    /// A timeout too large to add to the current time waits without limit.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ReadBeginTimeout`](crate::Error::ReadBeginTimeout) when the time is up, and the
+    /// errors of `read_begin`.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use mmnotify::{Invalidate, Invalidation, IntervalCtx, IntervalSubscriber, Mm, Range};
+    ///
+    /// struct Mirror;
+    /// impl IntervalSubscriber for Mirror {
+    ///     fn invalidate(&self, ctx: &IntervalCtx<'_>, _: &Invalidation) -> Invalidate {
+    ///         ctx.set_seq();
+    ///         Invalidate::Done
+    ///     }
+    /// }
+    ///
+    /// let mm = Mm::new();
+    /// let handle = mm.insert_interval(Range::new(0x1000, 0x3000)?, Arc::new(Mirror))?;
+    /// let seq = handle.read_begin_timeout(Duration::from_millis(100))?;
+    /// assert!(!handle.read_retry(seq));
+    /// # Ok::<(), mmnotify::Error>(())
+    /// ```
+    #[must_use = "the sequence must be checked with read_retry"]
+    pub fn read_begin_timeout(&self, timeout: Duration) -> Result<ReadSeq> {
+        let deadline = Instant::now().checked_add(timeout);
+        self.node.itree.read_begin(&self.node, deadline)
+    }
+
     /// Like [`read_begin`](Self::read_begin), but gives up at `deadline`.
     ///
     /// # Errors
@@ -290,7 +364,7 @@ impl IntervalHandle {
     /// [`Error::ReadBeginTimeout`](crate::Error::ReadBeginTimeout) when the deadline passes,
     /// and the errors of `read_begin`.
     #[must_use = "the sequence must be checked with read_retry"]
-    pub fn read_begin_timeout(&self, deadline: Instant) -> Result<ReadSeq> {
+    pub fn read_begin_until(&self, deadline: Instant) -> Result<ReadSeq> {
         self.node.itree.read_begin(&self.node, Some(deadline))
     }
 
@@ -304,7 +378,7 @@ impl IntervalHandle {
 
     /// The same test without the user lock: a `true` is reliable, a `false` may be stale. Only
     /// for giving up early (Linux's `mmu_interval_check_retry`).
-    pub fn check_retry(&self, seq: &ReadSeq) -> bool {
+    pub fn check_retry(&self, seq: ReadSeq) -> bool {
         self.node.seq.load(Ordering::Acquire) != seq.0
     }
 }

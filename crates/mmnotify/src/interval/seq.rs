@@ -63,7 +63,7 @@ use std::time::Instant;
 use smallvec::SmallVec;
 
 use super::index::{DefaultIndex, IntervalIndex};
-use super::{IntervalId, IntervalNode, Membership, ReadSeq};
+use super::{IntervalEntry, IntervalId, IntervalNode, Membership, ReadSeq};
 use crate::context;
 use crate::error::{BlockingOp, Error, Result};
 use crate::range::Range;
@@ -73,8 +73,9 @@ use crate::sync::{Condvar, Mutex};
 /// How many overlapping intervals one invalidation collects without allocating.
 pub(crate) const INLINE_HITS: usize = 8;
 
-/// The intervals one start must call, and the epoch value it calls them with.
-pub(crate) type Hits = SmallVec<[Arc<IntervalNode>; INLINE_HITS]>;
+/// The intervals one start must call (their entries, cloned under the lock: one reference
+/// count per hit, as for a bare node).
+pub(crate) type Hits = SmallVec<[Arc<IntervalEntry>; INLINE_HITS]>;
 
 /// The per-address-space interval state.
 #[derive(Debug)]
@@ -94,8 +95,12 @@ pub(crate) struct Itree {
 struct ItreeState {
     seq: u64,
     active: usize,
-    index: DefaultIndex<Arc<IntervalNode>>,
-    deferred: Vec<Arc<IntervalNode>>,
+    /// The inserted intervals; the only owner of their subscribers besides `pending_inserts`.
+    index: DefaultIndex<Arc<IntervalEntry>>,
+    /// Inserts queued during an epoch (`PendingInsert`).
+    pending_inserts: Vec<Arc<IntervalEntry>>,
+    /// Indexed intervals whose removal is queued during an epoch (`PendingRemove`).
+    pending_removes: Vec<Arc<IntervalNode>>,
 }
 
 impl ItreeState {
@@ -129,7 +134,8 @@ impl Itree {
                 seq: initial_seq,
                 active: 0,
                 index: DefaultIndex::default(),
-                deferred: Vec::new(),
+                pending_inserts: Vec::new(),
+                pending_removes: Vec::new(),
             }),
             closed: Condvar::new(),
         }
@@ -166,7 +172,7 @@ impl Itree {
             seq: state.seq,
             active: state.active,
             indexed: state.index.len(),
-            deferred: state.deferred.len(),
+            deferred: state.pending_inserts.len() + state.pending_removes.len(),
         }
     }
 
@@ -177,8 +183,8 @@ impl Itree {
         state.active += 1;
         state
             .index
-            .for_each_overlap(range.start(), range.last(), &mut |node| {
-                hits.push(Arc::clone(node))
+            .for_each_overlap(range.start(), range.last(), &mut |entry| {
+                hits.push(Arc::clone(entry))
             });
         if !hits.is_empty() {
             state.seq |= 1;
@@ -201,48 +207,49 @@ impl Itree {
         // The queue and the removed entries are dropped only after the lock is released: the
         // last reference to an interval may go with them, and its subscriber's `Drop` is user
         // code that may call back into this `Mm`.
-        let deferred = std::mem::take(&mut state.deferred);
-        let mut removed = Vec::new();
-        for node in &deferred {
-            match node.membership() {
-                Membership::PendingInsert => {
-                    state.index.insert(node.start, node.last, Arc::clone(node));
-                    node.set_membership(Membership::InTree);
-                }
-                Membership::PendingRemove => {
-                    let entry = state
-                        .index
-                        .remove(node.start, node.last, &mut |n| Arc::ptr_eq(n, node));
-                    debug_assert!(entry.is_some(), "a pending removal must be in the index");
-                    removed.extend(entry);
-                    node.set_membership(Membership::Removed);
-                }
-                Membership::InTree | Membership::Removed => {
-                    debug_assert!(false, "only pending nodes are queued");
-                }
-            }
+        let inserts = std::mem::take(&mut state.pending_inserts);
+        let removes = std::mem::take(&mut state.pending_removes);
+        let mut removed = Vec::with_capacity(removes.len());
+        for entry in inserts {
+            debug_assert_eq!(entry.node.membership(), Membership::PendingInsert);
+            entry.node.set_membership(Membership::InTree);
+            state
+                .index
+                .insert(entry.node.start(), entry.node.last(), entry);
+        }
+        for node in &removes {
+            debug_assert_eq!(node.membership(), Membership::PendingRemove);
+            let entry = state.index.remove(node.start(), node.last(), &mut |e| {
+                Arc::ptr_eq(&e.node, node)
+            });
+            debug_assert!(entry.is_some(), "a pending removal must be in the index");
+            removed.extend(entry);
+            node.set_membership(Membership::Removed);
         }
         drop(state);
         self.closed.notify_all();
-        drop(deferred);
+        drop(removes);
         drop(removed);
     }
 
-    /// Adds an interval (the caller already made the state present).
-    pub(crate) fn insert(&self, node: &Arc<IntervalNode>) {
+    /// Adds an interval (the caller already made the state present). The entry is the
+    /// engine's reference to the subscriber, owned by the state from now on.
+    pub(crate) fn insert(&self, entry: Arc<IntervalEntry>) {
+        let node = Arc::clone(&entry.node);
+        let (start, last) = (node.start(), node.last());
         let mut state = self.state.lock();
         if state.active > 0 {
             if state.epoch_open() {
                 node.set_membership(Membership::PendingInsert);
-                state.deferred.push(Arc::clone(node));
+                state.pending_inserts.push(entry);
             } else {
                 state.seq |= 1;
-                state.index.insert(node.start, node.last, Arc::clone(node));
+                state.index.insert(start, last, entry);
                 node.set_membership(Membership::InTree);
             }
             node.seq.store(state.seq, Ordering::Relaxed);
         } else {
-            state.index.insert(node.start, node.last, Arc::clone(node));
+            state.index.insert(start, last, entry);
             node.set_membership(Membership::InTree);
             node.seq.store(state.seq.wrapping_sub(1), Ordering::Relaxed);
         }
@@ -259,21 +266,25 @@ impl Itree {
             Membership::Removed => Err(Error::IntervalNotInserted { id: node.id }),
             Membership::PendingRemove => Ok(true),
             Membership::PendingInsert => {
-                if let Some(at) = state.deferred.iter().position(|n| Arc::ptr_eq(n, node)) {
-                    taken = Some(state.deferred.remove(at));
+                if let Some(at) = state
+                    .pending_inserts
+                    .iter()
+                    .position(|e| Arc::ptr_eq(&e.node, node))
+                {
+                    taken = Some(state.pending_inserts.remove(at));
                 }
                 node.set_membership(Membership::Removed);
                 Ok(false)
             }
             Membership::InTree if state.epoch_open() => {
                 node.set_membership(Membership::PendingRemove);
-                state.deferred.push(Arc::clone(node));
+                state.pending_removes.push(Arc::clone(node));
                 Ok(true)
             }
             Membership::InTree => {
-                taken = state
-                    .index
-                    .remove(node.start, node.last, &mut |n| Arc::ptr_eq(n, node));
+                taken = state.index.remove(node.start(), node.last(), &mut |e| {
+                    Arc::ptr_eq(&e.node, node)
+                });
                 debug_assert!(taken.is_some());
                 node.set_membership(Membership::Removed);
                 Ok(false)
@@ -284,16 +295,28 @@ impl Itree {
         result
     }
 
-    /// Empties the index and the queue (the address space is going away). Breaks the
-    /// reference cycle interval → `Itree` → index → interval, so that subscribers of
-    /// intervals that were never removed are dropped with their `Mm`.
+    /// Removes every interval at once (the address space is going away): each counts as
+    /// removed, and the state's entries, the only engine references to the subscribers, are
+    /// dropped (outside the lock). So subscribers of intervals that were never removed are
+    /// dropped with their `Mm` even while handles to them live, and a cycle subscriber →
+    /// handle → node → `Itree` → entry → subscriber is broken.
     pub(crate) fn clear(&self) {
         let mut state = self.state.lock();
+        state.index.for_each_overlap(0, u64::MAX, &mut |e| {
+            e.node.set_membership(Membership::Removed)
+        });
         let index = std::mem::take(&mut state.index);
-        let deferred = std::mem::take(&mut state.deferred);
+        let inserts = std::mem::take(&mut state.pending_inserts);
+        let removes = std::mem::take(&mut state.pending_removes);
+        for entry in &inserts {
+            entry.node.set_membership(Membership::Removed);
+        }
         drop(state);
+        // Waiters in `remove` or `read_begin` see the intervals removed.
+        self.closed.notify_all();
         drop(index);
-        drop(deferred);
+        drop(inserts);
+        drop(removes);
     }
 
     /// Removes an interval and returns once no callback of it runs or can start.
@@ -325,20 +348,25 @@ impl Itree {
             return Ok(ReadSeq(seq));
         }
         drop(state);
-        self.read_begin_slow(node.id, seq, deadline)
+        self.read_begin_slow(node, seq, deadline)
     }
 
     #[cold]
     fn read_begin_slow(
         &self,
-        id: IntervalId,
+        node: &IntervalNode,
         seq: u64,
         deadline: Option<Instant>,
     ) -> Result<ReadSeq> {
         context::may_block(self.mm_id, BlockingOp::ReadBegin)?;
+        let id: IntervalId = node.id;
         let began = Instant::now();
         let mut state = self.state.lock();
         while state.seq == seq {
+            if node.membership() == Membership::Removed {
+                // The address space was dropped while the epoch was open (a leaked epoch).
+                return Err(Error::IntervalNotInserted { id });
+            }
             match deadline {
                 None => state = self.closed.wait(state),
                 Some(deadline) => {

@@ -78,7 +78,8 @@ impl IntervalSubscriber for MirrorSub {
 
 /// Inserts `[0x1000, 0x1fff]` with `sub` on `mm`.
 fn insert(mm: &Mm, sub: &Arc<MirrorSub>) -> IntervalHandle {
-    mm.insert_interval(0x1000, 0x1000, sub.clone()).unwrap()
+    mm.insert_interval(Range::from_len(0x1000, 0x1000).unwrap(), sub.clone())
+        .unwrap()
 }
 
 /// The fault path: at most two attempts of read_begin, read the primary, lock, read_retry,
@@ -177,7 +178,9 @@ fn insert_while_in_flight(window: Range, epoch_open: bool) {
 
         wait_for(&step, 1);
         let fresh = MirrorSub::new(false);
-        let handle = mm.insert_interval(0x1800, 0x1000, fresh.clone()).unwrap();
+        let handle = mm
+            .insert_interval(Range::from_len(0x1800, 0x1000).unwrap(), fresh.clone())
+            .unwrap();
         let during = mm.interval_state();
         assert_eq!(during.active, 1);
         assert_eq!(
@@ -443,7 +446,7 @@ fn loom_interval_refusal_closes_epoch() {
             calls: AtomicUsize::new(0),
         });
         let refusing_id = mm
-            .insert_interval(0x1800, 0x1000, refusing.clone())
+            .insert_interval(Range::from_len(0x1800, 0x1000).unwrap(), refusing.clone())
             .unwrap()
             .id();
         let classic = Arc::new(ClassicRefuser {
@@ -517,7 +520,8 @@ fn loom_concurrent_first_inserts_never_commit_stale() {
             let mm = mm.clone();
             thread::spawn(move || {
                 let unrelated = MirrorSub::new(false);
-                mm.insert_interval(0x8000, 0x1000, unrelated).unwrap();
+                mm.insert_interval(Range::from_len(0x8000, 0x1000).unwrap(), unrelated)
+                    .unwrap();
             })
         };
 

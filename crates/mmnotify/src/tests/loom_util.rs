@@ -4,9 +4,15 @@ use loom::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::Range;
 
-/// Runs `f` under loom with a preemption bound of 2, unless `LOOM_MAX_PREEMPTIONS` sets one
-/// (every other `LOOM_*` variable is honoured too), and prints how many executions loom
-/// explored (visible with `--nocapture`).
+/// The preemption bound every model runs with unless `LOOM_MAX_PREEMPTIONS` sets another one.
+///
+/// The single source of truth: `.ci/run` and the module docs defer to it. Three is what the
+/// SRCU two-writer litmus model (`loom_srcu.rs`) needs to reach the interleaving it is about.
+pub(super) const DEFAULT_PREEMPTION_BOUND: usize = 3;
+
+/// Runs `f` under loom with a preemption bound of [`DEFAULT_PREEMPTION_BOUND`], unless
+/// `LOOM_MAX_PREEMPTIONS` sets one (every other `LOOM_*` variable is honoured too), and
+/// prints how many executions loom explored (visible with `--nocapture`).
 pub(super) fn model<F>(f: F)
 where
     F: Fn() + Sync + Send + 'static,
@@ -18,7 +24,7 @@ where
     // `Builder::new` reads the LOOM_* environment variables.
     let mut builder = loom::model::Builder::new();
     if builder.preemption_bound.is_none() {
-        builder.preemption_bound = Some(2);
+        builder.preemption_bound = Some(DEFAULT_PREEMPTION_BOUND);
     }
     let bound = builder.preemption_bound;
     let executions = std::sync::Arc::new(Counter::new(0));

@@ -2,8 +2,10 @@
 //!
 //! Run them with
 //! `RUSTFLAGS="--cfg loom" cargo test -p mmnotify --lib --release loom`
-//! (release makes loom much faster). Each model uses a preemption bound of 2 unless
-//! `LOOM_MAX_PREEMPTIONS` says otherwise. Without `--cfg loom` these modules are not compiled.
+//! (release makes loom much faster). Each model uses the preemption bound
+//! `LOOM_MAX_PREEMPTIONS` names, or `loom_util::DEFAULT_PREEMPTION_BOUND` (3) when it is unset;
+//! `.ci/run` leaves the variable to the caller. Without `--cfg loom` the `loom_*` modules are
+//! not compiled; `release_skips` is a plain test, compiled only without `--cfg loom`.
 //!
 //! Two things loom cannot see, which the models work around:
 //!
@@ -22,11 +24,27 @@
 #[cfg(loom)]
 mod loom_util;
 
+// A plain (non-loom) test that belongs with the models it complements.
+#[cfg(not(loom))]
+mod release_skips;
+
 #[cfg(loom)]
 mod loom_classic;
+
+#[cfg(loom)]
+mod loom_harness;
 
 #[cfg(loom)]
 mod loom_interval;
 
 #[cfg(loom)]
+mod loom_nested;
+
+#[cfg(loom)]
+mod loom_policies;
+
+#[cfg(loom)]
 mod loom_srcu;
+
+#[cfg(loom)]
+mod loom_walks;
