@@ -1,7 +1,7 @@
 //! Acceptance on real memory: bad input (zero length, overflow, unmapped memory, holes,
 //! access the registrar refuses, a full io_uring table, the vdso) gives typed errors and leaves
 //! the cache consistent with nothing leaked (regions and io_uring slots accounted for at
-//! drop); memory the watcher is blind to (SysV shm, shared file mappings) is never a stale hit
+//! drop); memory the watcher is blind to (SysV shm, file mappings) is never a stale hit
 //! for a user who does not know the wrappers (issue 10 item 6), under both policies.
 
 #![allow(
