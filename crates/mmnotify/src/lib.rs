@@ -123,6 +123,7 @@ mod range;
 mod snapshot;
 mod srcu;
 mod sync;
+mod thread_index;
 
 #[cfg(test)]
 mod tests;

@@ -26,7 +26,7 @@ use crate::range::{Blockable, Event, Range};
 use crate::snapshot::Snapshot;
 use crate::srcu::Srcu;
 use crate::sync::atomic::{AtomicBool, Ordering};
-use crate::sync::{Condvar, Mutex, RwLock};
+use crate::sync::{Condvar, Fences, Mutex, RwLock};
 
 /// Process-wide unique numbers for address spaces, subscribers and intervals. Not part of any
 /// protocol, so a plain `std` atomic even under loom.
@@ -78,6 +78,7 @@ pub struct Mm {
 pub struct MmBuilder {
     policy: Policy,
     initial_interval_seq: u64,
+    symmetric_fences: bool,
 }
 
 impl MmBuilder {
@@ -95,14 +96,27 @@ impl MmBuilder {
         self
     }
 
+    /// Test and benchmark knob: use the read side's fallback fences (a `SeqCst` fence on both
+    /// sides) even where `membarrier` is available, as on a system without it.
+    #[doc(hidden)]
+    pub fn symmetric_fences(mut self, symmetric: bool) -> Self {
+        self.symmetric_fences = symmetric;
+        self
+    }
+
     /// Creates the address space.
     pub fn build(self) -> Mm {
         let id = next_id();
+        let fences = if self.symmetric_fences {
+            Fences::Symmetric
+        } else {
+            Fences::detect()
+        };
         Mm {
             inner: Arc::new(MmInner {
                 id,
                 policy: self.policy,
-                srcu: Srcu::new(id),
+                srcu: Srcu::with_fences(id, fences),
                 snapshot: RwLock::new(Arc::new(Snapshot::default())),
                 has_classic: AtomicBool::new(false),
                 registry: Mutex::new(Registry::default()),
@@ -293,6 +307,7 @@ impl Mm {
         MmBuilder {
             policy: Policy::Exact,
             initial_interval_seq: 2,
+            symmetric_fences: false,
         }
     }
 
