@@ -9,12 +9,77 @@
 //! change. A subscriber registered after the start is not in the snapshot, so it can never get
 //! an end without a start.
 //!
+//! # Reading the current snapshot without a lock or a shared write
+//!
+//! The current snapshot sits in a [`SnapshotCell`]. Outside loom that is an
+//! [`arc_swap::ArcSwap`]: a start loads it with a few loads and a store to a slot its own
+//! thread owns (arc-swap's per-thread debt list), no lock and no reference count on a line that
+//! other threads write, and the window keeps the loaded [`SnapshotRef`] until its end. A writer
+//! that replaces the snapshot pays the readers' debts (turns them into real references) before
+//! it drops the old one, so the old list lives exactly as long as a window still uses it, as
+//! with the `Arc` clone it replaces (and a registration is still freed by its last reference,
+//! see `classic.rs`). Under loom, whose checker cannot see inside arc-swap, the cell is the
+//! previous `RwLock<Arc<Snapshot>>` with an `Arc` clone per load: the same contract, visible
+//! to the model.
+//!
 //! The started set is one inline `u64` for up to 64 subscribers and spills to the heap only
 //! beyond that, so the common path allocates nothing.
 
 use std::sync::Arc;
 
 use crate::classic::Registration;
+
+/// A loaded snapshot, kept for as long as it is used (see the module docs).
+#[cfg(not(loom))]
+pub(crate) type SnapshotRef = arc_swap::Guard<Arc<Snapshot>>;
+/// A loaded snapshot, kept for as long as it is used (see the module docs).
+#[cfg(loom)]
+pub(crate) type SnapshotRef = Arc<Snapshot>;
+
+/// The current snapshot of an `Mm`; replaced, never mutated.
+#[derive(Debug)]
+pub(crate) struct SnapshotCell {
+    #[cfg(not(loom))]
+    current: arc_swap::ArcSwap<Snapshot>,
+    #[cfg(loom)]
+    current: crate::sync::RwLock<Arc<Snapshot>>,
+}
+
+impl SnapshotCell {
+    pub(crate) fn new(snapshot: Snapshot) -> Self {
+        SnapshotCell {
+            #[cfg(not(loom))]
+            current: arc_swap::ArcSwap::from_pointee(snapshot),
+            #[cfg(loom)]
+            current: crate::sync::RwLock::new(Arc::new(snapshot)),
+        }
+    }
+
+    /// The current snapshot, for a short use or for the length of one window.
+    #[inline]
+    pub(crate) fn load(&self) -> SnapshotRef {
+        #[cfg(not(loom))]
+        return self.current.load();
+        #[cfg(loom)]
+        return Arc::clone(&self.current.read());
+    }
+
+    /// The current snapshot as an owned reference (writers, which keep it across user code).
+    pub(crate) fn load_full(&self) -> Arc<Snapshot> {
+        #[cfg(not(loom))]
+        return self.current.load_full();
+        #[cfg(loom)]
+        return Arc::clone(&self.current.read());
+    }
+
+    /// Installs `next` and returns the snapshot it replaces.
+    pub(crate) fn replace(&self, next: Snapshot) -> Arc<Snapshot> {
+        #[cfg(not(loom))]
+        return self.current.swap(Arc::new(next));
+        #[cfg(loom)]
+        return std::mem::replace(&mut *self.current.write(), Arc::new(next));
+    }
+}
 
 /// An immutable list of registrations, in call order: registration order under `Exact`,
 /// newest first under the Linux policies.

@@ -311,7 +311,6 @@ impl SrcuReadGuard<'_> {
     /// The number of the thread in the section (`None` if it has none, see `thread_index.rs`);
     /// it stays this thread's until the section ends.
     #[inline]
-    #[allow(dead_code, reason = "used by the statistics shards in the next step")]
     pub(crate) fn thread(&self) -> Option<usize> {
         self.ticket.as_ref().and_then(|t| t.thread)
     }

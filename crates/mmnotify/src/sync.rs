@@ -164,10 +164,13 @@ impl<T> Mutex<T> {
     }
 }
 
-/// A reader-writer lock whose acquisitions cannot fail (poisoning is ignored).
+/// A reader-writer lock whose acquisitions cannot fail (poisoning is ignored). (Only the
+/// loom build's snapshot cell uses one now, see `snapshot.rs`.)
+#[cfg_attr(not(loom), allow(dead_code))]
 #[derive(Debug, Default)]
 pub(crate) struct RwLock<T>(backend::RwLock<T>);
 
+#[cfg_attr(not(loom), allow(dead_code))]
 impl<T> RwLock<T> {
     pub(crate) fn new(value: T) -> Self {
         Self(backend::RwLock::new(value))

@@ -150,7 +150,6 @@ thread_local! {
 /// This thread's number, if it has one (it always has, except while its thread-locals are
 /// being destroyed).
 #[inline]
-#[allow(dead_code, reason = "used by the statistics shards in the next step")]
 pub(crate) fn current() -> Option<usize> {
     LEASE.try_with(Lease::number).ok().flatten()
 }
