@@ -76,10 +76,11 @@ fn straddle(fences: Fences, prepare: fn()) {
 /// system without membarrier gets) a reader straddling the flips of two writers is still
 /// waited for or sees both publications.
 ///
-/// Shown to fail: with the fallback's reader fence (`Fences::light` for `Symmetric`) turned
-/// into a compiler fence, as a build that took membarrier for granted would have it, loom
-/// reports "reader inside a read section saw writer 1's synchronize return but not what it
-/// published" (checked 2026-11-30).
+/// Shown to fail: with the fallback's reader fence (`Fences::light` for `Symmetric`) removed
+/// (under loom a compiler fence is nothing), as a build that took membarrier for granted would
+/// have it, loom reports a deadlock: a reader's last decrement and a writer's announcement in
+/// `waiters` miss each other, so the writer sleeps with nobody left to wake it (checked
+/// 2026-11-30, in a copy of the tree).
 #[test]
 fn loom_fallback_fences_reader_straddles_two_writers() {
     straddle(Fences::Symmetric, || {});
@@ -90,8 +91,8 @@ fn loom_fallback_fences_reader_straddles_two_writers() {
 /// read-modify-writes; the straddle guarantee holds there too.
 ///
 /// Shown to fail: with `synchronize` draining only the per-thread slots (`slots[..SLOTS]`),
-/// loom reports "reader inside a read section saw writer 1's synchronize return but not what
-/// it published" (checked 2026-11-30).
+/// loom reports "reader inside a read section saw writer 2's synchronize return but not what
+/// it published" (checked 2026-11-30, in a copy of the tree).
 #[test]
 fn loom_shared_slot_reader_straddles_two_writers() {
     straddle(Fences::Asymmetric, || {
@@ -112,7 +113,7 @@ fn loom_shared_slot_reader_straddles_two_writers() {
 ///
 /// Shown to fail: with `Lease::retire` giving the number back at once even with sections open,
 /// loom reports "the number of a thread that exited inside a read section went to another
-/// thread before the section ended" (checked 2026-11-30).
+/// thread before the section ended" (checked 2026-11-30, in a copy of the tree).
 #[test]
 fn loom_thread_exits_inside_a_read_section() {
     let seen = Seen::new();
@@ -187,7 +188,9 @@ fn loom_thread_exits_inside_a_read_section() {
 /// other (it starts from counters the exited thread left at zero), and nothing leaks.
 ///
 /// Shown to fail: with `Lease::retire` not giving the number back when no section is open,
-/// loom reports "a number leaked" (checked 2026-11-30).
+/// loom reports "the freed number is leased again (lowest first)": the next thread gets a new
+/// number and the old one is lost (checked 2026-11-30, in a copy of the tree; the "a number
+/// leaked" check below catches the same bug when the reuse check is removed).
 #[test]
 fn loom_thread_exits_outside_a_read_section() {
     let seen = Seen::new();
@@ -275,7 +278,8 @@ impl Subscriber for Counting {
 ///
 /// Shown to fail: with `InvalidateGuard::start_with` skipping the read section when nobody
 /// listens (no classic subscriber, no interval), loom reports "I10: register returned while a
-/// window that missed the new subscriber is still open" (checked 2026-11-30).
+/// window that missed the new subscriber is still open" (checked 2026-11-30, in a copy of the
+/// tree).
 #[test]
 fn loom_register_racing_the_no_subscriber_fast_path() {
     let seen = Seen::new();
