@@ -189,8 +189,7 @@ fn loom_thread_exits_inside_a_read_section() {
 ///
 /// Shown to fail: with `Lease::retire` not giving the number back when no section is open,
 /// loom reports "the freed number is leased again (lowest first)": the next thread gets a new
-/// number and the old one is lost (checked 2026-11-30, in a copy of the tree; the "a number
-/// leaked" check below catches the same bug when the reuse check is removed).
+/// number and the old one is lost (checked 2026-11-30, in a copy of the tree).
 #[test]
 fn loom_thread_exits_outside_a_read_section() {
     let seen = Seen::new();
