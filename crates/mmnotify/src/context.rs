@@ -46,6 +46,8 @@ use crate::sync::thread_local;
 /// heap.
 pub(crate) const INLINE_ENTRIES: usize = 8;
 
+/// One address space's counts on this thread. `mm == 0` marks a free entry (ids start at 1),
+/// so that a lookup compares one word per entry.
 #[derive(Clone, Copy, Default)]
 struct Entry {
     mm: u64,
@@ -80,7 +82,7 @@ impl ThreadRecord {
         self.inline
             .iter_mut()
             .chain(self.spill.iter_mut())
-            .find(|e| !e.is_free() && e.mm == mm)
+            .find(|e| e.mm == mm)
     }
 
     fn find_or_insert(&mut self, mm: u64) -> &mut Entry {
@@ -88,8 +90,8 @@ impl ThreadRecord {
             .inline
             .iter()
             .chain(self.spill.iter())
-            .position(|e| !e.is_free() && e.mm == mm)
-            .or_else(|| self.inline.iter().position(Entry::is_free));
+            .position(|e| e.mm == mm)
+            .or_else(|| self.inline.iter().position(|e| e.mm == 0));
         match position {
             Some(i) if i < INLINE_ENTRIES => {
                 let entry = &mut self.inline[i];
@@ -98,7 +100,7 @@ impl ThreadRecord {
             }
             Some(i) => &mut self.spill[i - INLINE_ENTRIES],
             None => {
-                self.spill.retain(|e| !e.is_free());
+                self.spill.retain(|e| e.mm != 0);
                 self.spill.push(Entry {
                     mm,
                     ..Entry::default()
@@ -144,15 +146,7 @@ pub(crate) struct Scope {
 
 impl Scope {
     pub(crate) fn enter(mm: u64, kind: ScopeKind) -> Scope {
-        // `try_with`: during thread teardown (a thread-local destructor that uses an `Mm`) the
-        // record may be gone; then nothing is marked, and nothing is checked either.
-        let _ = RECORD.try_with(|record| {
-            let mut record = record.borrow_mut();
-            if let ScopeKind::Callback { nonblocking: true } = kind {
-                record.nonblocking_depth += 1;
-            }
-            *record.find_or_insert(mm).counter(kind) += 1;
-        });
+        mark(mm, kind);
         Scope {
             mm,
             kind,
@@ -166,18 +160,42 @@ impl Drop for Scope {
         if crate::sync::unwinding_under_loom() {
             return;
         }
-        // `try_with`: during thread teardown the record may already be gone, and then there is
-        // nobody left to ask about it.
-        let _ = RECORD.try_with(|record| {
-            let mut record = record.borrow_mut();
-            if let ScopeKind::Callback { nonblocking: true } = self.kind {
-                record.nonblocking_depth -= 1;
-            }
-            if let Some(entry) = record.find(self.mm) {
-                *entry.counter(self.kind) -= 1;
-            }
-        });
+        unmark(self.mm, self.kind);
     }
+}
+
+/// Marks the thread as inside `mm` (what [`Scope::enter`] does, for owners that keep the
+/// `mm` and `kind` themselves and call [`unmark`] exactly once, on the same thread).
+#[inline]
+pub(crate) fn mark(mm: u64, kind: ScopeKind) {
+    // `try_with`: during thread teardown (a thread-local destructor that uses an `Mm`) the
+    // record may be gone; then nothing is marked, and nothing is checked either.
+    let _ = RECORD.try_with(|record| {
+        let mut record = record.borrow_mut();
+        if let ScopeKind::Callback { nonblocking: true } = kind {
+            record.nonblocking_depth += 1;
+        }
+        *record.find_or_insert(mm).counter(kind) += 1;
+    });
+}
+
+/// Removes one [`mark`].
+#[inline]
+pub(crate) fn unmark(mm: u64, kind: ScopeKind) {
+    // `try_with`: during thread teardown the record may already be gone, and then there is
+    // nobody left to ask about it.
+    let _ = RECORD.try_with(|record| {
+        let mut record = record.borrow_mut();
+        if let ScopeKind::Callback { nonblocking: true } = kind {
+            record.nonblocking_depth -= 1;
+        }
+        if let Some(entry) = record.find(mm) {
+            *entry.counter(kind) -= 1;
+            if entry.is_free() {
+                entry.mm = 0;
+            }
+        }
+    });
 }
 
 /// Checks that the current thread may block in `op` on the `Mm` with id `mm`.

@@ -132,7 +132,7 @@ impl Snapshot {
 #[derive(Debug, Default, Clone)]
 pub(crate) struct StartedSet {
     inline: u64,
-    spill: Vec<u64>,
+    spill: Option<Box<[u64]>>,
 }
 
 impl StartedSet {
@@ -141,14 +141,14 @@ impl StartedSet {
         let extra_words = len.saturating_sub(1) / 64;
         StartedSet {
             inline: 0,
-            spill: vec![0; extra_words],
+            spill: (extra_words > 0).then(|| vec![0; extra_words].into_boxed_slice()),
         }
     }
 
     fn word(&mut self, i: usize) -> &mut u64 {
         match i / 64 {
             0 => &mut self.inline,
-            w => &mut self.spill[w - 1],
+            w => &mut self.spill.as_mut().expect("a position within the snapshot")[w - 1],
         }
     }
 
@@ -159,14 +159,19 @@ impl StartedSet {
     pub(crate) fn contains(&self, i: usize) -> bool {
         let word = match i / 64 {
             0 => self.inline,
-            w => self.spill.get(w - 1).copied().unwrap_or(0),
+            w => self
+                .spill
+                .as_ref()
+                .and_then(|spill| spill.get(w - 1))
+                .copied()
+                .unwrap_or(0),
         };
         word & (1 << (i % 64)) != 0
     }
 
     pub(crate) fn clear(&mut self) {
         self.inline = 0;
-        self.spill.iter_mut().for_each(|w| *w = 0);
+        self.spill.iter_mut().flatten().for_each(|w| *w = 0);
     }
 }
 
@@ -190,8 +195,8 @@ mod tests {
 
     #[test]
     fn started_set_for_64_does_not_spill() {
-        assert!(StartedSet::with_len(64).spill.is_empty());
-        assert_eq!(StartedSet::with_len(65).spill.len(), 1);
-        assert!(StartedSet::with_len(0).spill.is_empty());
+        assert!(StartedSet::with_len(64).spill.is_none());
+        assert_eq!(StartedSet::with_len(65).spill.map(|s| s.len()), Some(1));
+        assert!(StartedSet::with_len(0).spill.is_none());
     }
 }

@@ -78,7 +78,7 @@
 
 use std::marker::PhantomData;
 
-use crate::context::{Scope, ScopeKind};
+use crate::context::{self, ScopeKind};
 use crate::sync::atomic::{AtomicUsize, Ordering};
 use crate::sync::{Condvar, Fences, Mutex};
 use crate::thread_index;
@@ -158,6 +158,26 @@ pub(crate) struct ReadTicket {
     thread: Option<usize>,
 }
 
+/// A [`ReadTicket`] packed in one word, for the guard (which invalidation guards carry around
+/// by value): generation in bit 0, the thread's number + 1 above it, 0 for none.
+#[derive(Clone, Copy, Debug)]
+struct PackedTicket(usize);
+
+impl PackedTicket {
+    #[inline]
+    fn pack(ticket: ReadTicket) -> Self {
+        PackedTicket(ticket.index | ticket.thread.map_or(0, |n| (n + 1) << 1))
+    }
+
+    #[inline]
+    fn unpack(self) -> ReadTicket {
+        ReadTicket {
+            index: self.0 & 1,
+            thread: (self.0 >> 1).checked_sub(1),
+        }
+    }
+}
+
 impl Srcu {
     /// A domain whose fences are [`Fences::detect`]'s choice.
     #[cfg(all(test, loom))]
@@ -195,12 +215,12 @@ impl Srcu {
     #[inline]
     pub(crate) fn read_lock(&self, kind: ScopeKind) -> SrcuReadGuard<'_> {
         debug_assert!(!matches!(kind, ScopeKind::Callback { .. }));
-        let scope = Scope::enter(self.mm_id, kind);
+        context::mark(self.mm_id, kind);
         let ticket = self.read_lock_raw();
         SrcuReadGuard {
             srcu: self,
-            ticket: Some(ticket),
-            _scope: scope,
+            ticket: PackedTicket::pack(ticket),
+            kind,
             _not_send: PhantomData,
         }
     }
@@ -295,15 +315,16 @@ impl Srcu {
 ///
 /// # Invariants
 ///
-/// The guard accounts for its ticket's unit of one slot counter, and its `_scope` marks the
-/// thread for the whole section: entered before the section began, left (as a field, after
-/// `drop` ran) after it ended. It is `!Send`: read sections are counted per thread.
+/// The guard accounts for its ticket's unit of one slot counter, and marks the thread (a
+/// context mark of `kind` for the `Srcu`'s `Mm`) for the whole section: marked before the
+/// section began, unmarked after it ended. It is `!Send`: read sections are counted per thread.
+/// It is small (three words) because invalidation guards carry it by value.
 #[must_use = "the read section ends as soon as the guard is dropped"]
 #[derive(Debug)]
 pub(crate) struct SrcuReadGuard<'a> {
     srcu: &'a Srcu,
-    ticket: Option<ReadTicket>,
-    _scope: Scope,
+    ticket: PackedTicket,
+    kind: ScopeKind,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -312,7 +333,7 @@ impl SrcuReadGuard<'_> {
     /// it stays this thread's until the section ends.
     #[inline]
     pub(crate) fn thread(&self) -> Option<usize> {
-        self.ticket.as_ref().and_then(|t| t.thread)
+        self.ticket.unpack().thread
     }
 }
 
@@ -321,8 +342,7 @@ impl Drop for SrcuReadGuard<'_> {
         if crate::sync::unwinding_under_loom() {
             return;
         }
-        if let Some(ticket) = self.ticket.take() {
-            self.srcu.read_unlock_raw(ticket);
-        }
+        self.srcu.read_unlock_raw(self.ticket.unpack());
+        context::unmark(self.srcu.mm_id, self.kind);
     }
 }
