@@ -46,8 +46,10 @@ use crate::sync::thread_local;
 /// heap.
 pub(crate) const INLINE_ENTRIES: usize = 8;
 
-/// One address space's counts on this thread. `mm == 0` marks a free entry (ids start at 1),
-/// so that a lookup compares one word per entry.
+/// One address space's counts on this thread. An entry whose counts are all zero is free; it
+/// keeps its `mm` until reused, so that the next mark of the same address space finds it again
+/// with one compare. At most one entry holds a given `mm` (a mark looks for one before taking
+/// a free entry), so a lookup compares one word per entry.
 #[derive(Clone, Copy, Default)]
 struct Entry {
     mm: u64,
@@ -75,10 +77,17 @@ struct ThreadRecord {
     inline: [Entry; INLINE_ENTRIES],
     spill: Vec<Entry>,
     nonblocking_depth: u32,
+    /// The inline entry used last: a thread usually works on one address space at a time, so
+    /// it is checked before the search (a hint only; any value is safe).
+    last: usize,
 }
 
 impl ThreadRecord {
     fn find(&mut self, mm: u64) -> Option<&mut Entry> {
+        let last = self.last % INLINE_ENTRIES;
+        if self.inline[last].mm == mm {
+            return Some(&mut self.inline[last]);
+        }
         self.inline
             .iter_mut()
             .chain(self.spill.iter_mut())
@@ -86,21 +95,26 @@ impl ThreadRecord {
     }
 
     fn find_or_insert(&mut self, mm: u64) -> &mut Entry {
+        let last = self.last % INLINE_ENTRIES;
+        if self.inline[last].mm == mm {
+            return &mut self.inline[last];
+        }
         let position = self
             .inline
             .iter()
             .chain(self.spill.iter())
             .position(|e| e.mm == mm)
-            .or_else(|| self.inline.iter().position(|e| e.mm == 0));
+            .or_else(|| self.inline.iter().position(Entry::is_free));
         match position {
             Some(i) if i < INLINE_ENTRIES => {
+                self.last = i;
                 let entry = &mut self.inline[i];
                 entry.mm = mm;
                 entry
             }
             Some(i) => &mut self.spill[i - INLINE_ENTRIES],
             None => {
-                self.spill.retain(|e| e.mm != 0);
+                self.spill.retain(|e| !e.is_free());
                 self.spill.push(Entry {
                     mm,
                     ..Entry::default()
@@ -191,9 +205,6 @@ pub(crate) fn unmark(mm: u64, kind: ScopeKind) {
         }
         if let Some(entry) = record.find(mm) {
             *entry.counter(kind) -= 1;
-            if entry.is_free() {
-                entry.mm = 0;
-            }
         }
     });
 }
