@@ -33,7 +33,8 @@
 //! reference, say) is therefore seen by the check and gets `WouldDeadlock` instead of waiting
 //! for its own thread.
 //!
-//! The record costs two thread-local accesses per read section and per callback; it allocates
+//! The record costs two thread-local accesses per read section and per phase of callbacks (the
+//! engine marks a phase once: all starts, all ends, one interval pass, one walk); it allocates
 //! nothing for up to [`INLINE_ENTRIES`] address spaces open at once on one thread.
 
 use std::cell::RefCell;

@@ -2,8 +2,8 @@
 //! those whose start succeeded.
 //!
 //! Writers (register, unregister, put, release) never change a published snapshot: they build
-//! a new one and swap it in. An invalidation clones the `Arc` of the current snapshot at its
-//! start and keeps it until its end, so "who was started" is a bitmap over a list that cannot
+//! a new one and swap it in. An invalidation loads the current snapshot at its start and
+//! keeps it until its end (see below for how), so "who was started" is a bitmap over a list that cannot
 //! change under it. That answers the objection raised in the 2021 thread (computing the subset
 //! of subscribers that succeeded is hard while the list changes): here the list does not
 //! change. A subscriber registered after the start is not in the snapshot, so it can never get
@@ -12,8 +12,8 @@
 //! # Reading the current snapshot without a lock or a shared write
 //!
 //! The current snapshot sits in a [`SnapshotCell`]. Outside loom that is an
-//! [`arc_swap::ArcSwap`]: a start loads it with a few loads and a store to a slot its own
-//! thread owns (arc-swap's per-thread debt list), no lock and no reference count on a line that
+//! [`arc_swap::ArcSwap`]: a start loads it with a few loads and an atomic swap on a slot its
+//! own thread owns (arc-swap's per-thread debt list), no lock and no reference count on a line that
 //! other threads write, and the window keeps the loaded [`SnapshotRef`] until its end. A writer
 //! that replaces the snapshot pays the readers' debts (turns them into real references) before
 //! it drops the old one, so the old list lives exactly as long as a window still uses it, as

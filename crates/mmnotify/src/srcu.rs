@@ -16,8 +16,8 @@
 //! * **no global domain**: readers of one `Mm` never delay a writer of another (Linux shares one
 //!   SRCU domain between every process).
 //!
-//! Memory safety does not depend on it: snapshots are reference counted. The read side is about
-//! *time*, not lifetime.
+//! Memory safety does not depend on it: snapshots are reference counted (through `arc-swap`'s
+//! deferred counts, see `snapshot.rs`). The read side is about *time*, not lifetime.
 //!
 //! # The algorithm
 //!
