@@ -125,10 +125,12 @@ impl<'mm> InvalidateGuard<'mm> {
 
     /// Ends the invalidation: closes the interval epoch, then delivers
     /// `invalidate_range_end` to exactly the subscribers whose start succeeded.
+    #[inline]
     pub fn end(self) {
         drop(self);
     }
 
+    #[inline]
     pub(crate) fn start(
         mm: &'mm MmInner,
         range: Range,

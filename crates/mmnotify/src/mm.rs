@@ -689,6 +689,7 @@ impl Mm {
     ///
     /// [`Error::WouldDeadlock`] with [`DeadlockCause::NonBlockingContext`](crate::DeadlockCause)
     /// when called from a callback of a non-blockable invalidation.
+    #[inline]
     pub fn invalidate_start(&self, range: Range, event: Event) -> Result<InvalidateGuard<'_>> {
         if context::in_nonblocking_context() {
             context::may_block(self.inner.id, BlockingOp::InvalidateStart)?;
