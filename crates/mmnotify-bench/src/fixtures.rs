@@ -89,7 +89,16 @@ pub struct ClassicFixture {
 impl ClassicFixture {
     /// Registers `n` no-op subscribers on a fresh `Mm` (and on a fresh naive dispatcher).
     pub fn new(n: usize) -> Self {
-        let mm = Mm::new();
+        Self::with_mm(Mm::new(), n)
+    }
+
+    /// The same on an `Mm` whose read side uses the fallback fences (a `SeqCst` fence on each
+    /// side, as on a system without `membarrier`).
+    pub fn with_fallback_fences(n: usize) -> Self {
+        Self::with_mm(Mm::builder().symmetric_fences(true).build(), n)
+    }
+
+    fn with_mm(mm: Mm, n: usize) -> Self {
         let ids = (0..n)
             .map(|_| mm.register(Arc::new(NoopSubscriber)).expect("register"))
             .collect();

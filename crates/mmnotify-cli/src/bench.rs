@@ -516,11 +516,11 @@ fn scaling_chart(r: &Report, path: &Path) -> Result<(), String> {
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.4)));
     chart
         .draw_series(LineSeries::new(
-            vec![(0.9, 1.6), (2.1, 1.6)],
+            vec![(0.9, 1.8), (2.1, 1.8)],
             RGBColor(150, 150, 150),
         ))
         .map_err(|e| err(e.to_string()))?
-        .label("target (x1.6)")
+        .label("target (x1.8)")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RGBColor(150, 150, 150)));
     for (i, s) in r.scaling.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];

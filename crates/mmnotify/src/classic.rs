@@ -279,27 +279,87 @@ pub struct SubscriberStats {
     pub violations: u64,
 }
 
-#[derive(Debug, Default)]
+/// How many threads get a statistics shard of their own per registration (the rest share one).
+/// Under loom two, so that the models run both paths.
+const STAT_SHARDS: usize = if cfg!(loom) { 2 } else { 16 };
+
+/// One thread's counters for one registration, on a cache line pair of their own.
+#[derive(Debug)]
+#[repr(align(128))]
+struct StatShard([AtomicU64; Stat::COUNT]);
+
+/// What a counter counts; the index of its place in a [`StatShard`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Stat {
+    Starts,
+    Refusals,
+    Ends,
+    Releases,
+    Violations,
+}
+
+impl Stat {
+    const COUNT: usize = 5;
+}
+
+/// A registration's counters, sharded per thread so that counting a callback writes only a
+/// line the calling thread owns (a shared counter would be a cache line that every
+/// invalidating thread writes, twice per window).
+///
+/// # Invariants
+///
+/// Shard `n < STAT_SHARDS` is written only by the thread whose number is `n`
+/// (`thread_index.rs`), with a plain load and store; the last shard by every other thread, with
+/// atomic increments. A counter's value is the sum over the shards. The sum is exact once the
+/// writes are ordered before the read: `unregister` reads after a grace period, which orders
+/// every read section that counted (the section's end is a `Release` store the writer's drain
+/// reads with `Acquire`). A read while invalidations run may miss counts still in flight, as
+/// a single counter read a moment earlier would.
+#[derive(Debug)]
 pub(crate) struct StatCounters {
-    starts: AtomicU64,
-    refusals: AtomicU64,
-    ends: AtomicU64,
-    releases: AtomicU64,
-    violations: AtomicU64,
+    shards: Box<[StatShard]>,
+}
+
+impl Default for StatCounters {
+    fn default() -> Self {
+        StatCounters {
+            shards: (0..=STAT_SHARDS)
+                .map(|_| StatShard(std::array::from_fn(|_| AtomicU64::new(0))))
+                .collect(),
+        }
+    }
 }
 
 impl StatCounters {
-    fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    /// Counts one `stat` on behalf of the thread numbered `thread` (the caller's own number,
+    /// see `thread_index.rs`).
+    #[inline]
+    pub(crate) fn bump(&self, stat: Stat, thread: Option<usize>) {
+        match thread {
+            Some(n) if n < STAT_SHARDS => {
+                let counter = &self.shards[n].0[stat as usize];
+                counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            }
+            _ => {
+                self.shards[STAT_SHARDS].0[stat as usize].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn total(&self, stat: Stat) -> u64 {
+        self.shards
+            .iter()
+            .map(|shard| shard.0[stat as usize].load(Ordering::Relaxed))
+            .sum()
     }
 
     pub(crate) fn snapshot(&self) -> SubscriberStats {
         SubscriberStats {
-            starts: self.starts.load(Ordering::Relaxed),
-            refusals: self.refusals.load(Ordering::Relaxed),
-            ends: self.ends.load(Ordering::Relaxed),
-            releases: self.releases.load(Ordering::Relaxed),
-            violations: self.violations.load(Ordering::Relaxed),
+            starts: self.total(Stat::Starts),
+            refusals: self.total(Stat::Refusals),
+            ends: self.total(Stat::Ends),
+            releases: self.total(Stat::Releases),
+            violations: self.total(Stat::Violations),
         }
     }
 }
@@ -394,7 +454,8 @@ impl Registration {
         // and the caller finishes its own work before resuming the panic.
         let panicked = panic::catch_unwind(AssertUnwindSafe(|| self.subscriber.release())).err();
         self.released_flag.store(true, Ordering::Release);
-        StatCounters::bump(&self.stats.releases);
+        self.stats
+            .bump(Stat::Releases, crate::thread_index::current());
         *released = true;
         panicked
     }
@@ -410,20 +471,11 @@ impl Registration {
         self.ready.store(true, Ordering::Release);
     }
 
-    pub(crate) fn record_start(&self) {
-        StatCounters::bump(&self.stats.starts);
-    }
-
-    pub(crate) fn record_refusal(&self) {
-        StatCounters::bump(&self.stats.refusals);
-    }
-
-    pub(crate) fn record_end(&self) {
-        StatCounters::bump(&self.stats.ends);
-    }
-
-    pub(crate) fn record_violation(&self) {
-        StatCounters::bump(&self.stats.violations);
+    /// Counts `stat` for this registration; `thread` is the calling thread's number (the read
+    /// section's, see [`SrcuReadGuard::thread`](crate::srcu::SrcuReadGuard::thread)).
+    #[inline]
+    pub(crate) fn record(&self, stat: Stat, thread: Option<usize>) {
+        self.stats.bump(stat, thread);
     }
 
     /// Marks the registration unlinked: from now on its drop counts as a pending free of `mm`.

@@ -33,7 +33,8 @@
 //! reference, say) is therefore seen by the check and gets `WouldDeadlock` instead of waiting
 //! for its own thread.
 //!
-//! The record costs two thread-local accesses per read section and per callback; it allocates
+//! The record costs two thread-local accesses per read section and per phase of callbacks (the
+//! engine marks a phase once: all starts, all ends, one interval pass, one walk); it allocates
 //! nothing for up to [`INLINE_ENTRIES`] address spaces open at once on one thread.
 
 use std::cell::RefCell;
@@ -46,6 +47,10 @@ use crate::sync::thread_local;
 /// heap.
 pub(crate) const INLINE_ENTRIES: usize = 8;
 
+/// One address space's counts on this thread. An entry whose counts are all zero is free; it
+/// keeps its `mm` until reused, so that the next mark of the same address space finds it again
+/// with one compare. At most one entry holds a given `mm` (a mark looks for one before taking
+/// a free entry), so a lookup compares one word per entry.
 #[derive(Clone, Copy, Default)]
 struct Entry {
     mm: u64,
@@ -73,25 +78,37 @@ struct ThreadRecord {
     inline: [Entry; INLINE_ENTRIES],
     spill: Vec<Entry>,
     nonblocking_depth: u32,
+    /// The inline entry used last: a thread usually works on one address space at a time, so
+    /// it is checked before the search (a hint only; any value is safe).
+    last: usize,
 }
 
 impl ThreadRecord {
     fn find(&mut self, mm: u64) -> Option<&mut Entry> {
+        let last = self.last % INLINE_ENTRIES;
+        if self.inline[last].mm == mm {
+            return Some(&mut self.inline[last]);
+        }
         self.inline
             .iter_mut()
             .chain(self.spill.iter_mut())
-            .find(|e| !e.is_free() && e.mm == mm)
+            .find(|e| e.mm == mm)
     }
 
     fn find_or_insert(&mut self, mm: u64) -> &mut Entry {
+        let last = self.last % INLINE_ENTRIES;
+        if self.inline[last].mm == mm {
+            return &mut self.inline[last];
+        }
         let position = self
             .inline
             .iter()
             .chain(self.spill.iter())
-            .position(|e| !e.is_free() && e.mm == mm)
+            .position(|e| e.mm == mm)
             .or_else(|| self.inline.iter().position(Entry::is_free));
         match position {
             Some(i) if i < INLINE_ENTRIES => {
+                self.last = i;
                 let entry = &mut self.inline[i];
                 entry.mm = mm;
                 entry
@@ -144,15 +161,7 @@ pub(crate) struct Scope {
 
 impl Scope {
     pub(crate) fn enter(mm: u64, kind: ScopeKind) -> Scope {
-        // `try_with`: during thread teardown (a thread-local destructor that uses an `Mm`) the
-        // record may be gone; then nothing is marked, and nothing is checked either.
-        let _ = RECORD.try_with(|record| {
-            let mut record = record.borrow_mut();
-            if let ScopeKind::Callback { nonblocking: true } = kind {
-                record.nonblocking_depth += 1;
-            }
-            *record.find_or_insert(mm).counter(kind) += 1;
-        });
+        mark(mm, kind);
         Scope {
             mm,
             kind,
@@ -166,18 +175,39 @@ impl Drop for Scope {
         if crate::sync::unwinding_under_loom() {
             return;
         }
-        // `try_with`: during thread teardown the record may already be gone, and then there is
-        // nobody left to ask about it.
-        let _ = RECORD.try_with(|record| {
-            let mut record = record.borrow_mut();
-            if let ScopeKind::Callback { nonblocking: true } = self.kind {
-                record.nonblocking_depth -= 1;
-            }
-            if let Some(entry) = record.find(self.mm) {
-                *entry.counter(self.kind) -= 1;
-            }
-        });
+        unmark(self.mm, self.kind);
     }
+}
+
+/// Marks the thread as inside `mm` (what [`Scope::enter`] does, for owners that keep the
+/// `mm` and `kind` themselves and call [`unmark`] exactly once, on the same thread).
+#[inline]
+pub(crate) fn mark(mm: u64, kind: ScopeKind) {
+    // `try_with`: during thread teardown (a thread-local destructor that uses an `Mm`) the
+    // record may be gone; then nothing is marked, and nothing is checked either.
+    let _ = RECORD.try_with(|record| {
+        let mut record = record.borrow_mut();
+        if let ScopeKind::Callback { nonblocking: true } = kind {
+            record.nonblocking_depth += 1;
+        }
+        *record.find_or_insert(mm).counter(kind) += 1;
+    });
+}
+
+/// Removes one [`mark`].
+#[inline]
+pub(crate) fn unmark(mm: u64, kind: ScopeKind) {
+    // `try_with`: during thread teardown the record may already be gone, and then there is
+    // nobody left to ask about it.
+    let _ = RECORD.try_with(|record| {
+        let mut record = record.borrow_mut();
+        if let ScopeKind::Callback { nonblocking: true } = kind {
+            record.nonblocking_depth -= 1;
+        }
+        if let Some(entry) = record.find(mm) {
+            *entry.counter(kind) -= 1;
+        }
+    });
 }
 
 /// Checks that the current thread may block in `op` on the `Mm` with id `mm`.

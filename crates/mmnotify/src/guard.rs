@@ -32,9 +32,8 @@
 use std::any::Any;
 use std::marker::PhantomData;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::Arc;
 
-use crate::classic::Refused;
+use crate::classic::{Refused, Stat};
 use crate::context::{Scope, ScopeKind};
 use crate::error::{Error, Refuser, Result};
 use crate::interval::seq::Hits;
@@ -42,7 +41,7 @@ use crate::interval::{IntervalCtx, Invalidate};
 use crate::mm::MmInner;
 use crate::policy::BlockableRefusal;
 use crate::range::{Blockable, Event, Invalidation, Range};
-use crate::snapshot::{Snapshot, StartedSet};
+use crate::snapshot::{Snapshot, SnapshotRef, StartedSet};
 use crate::srcu::SrcuReadGuard;
 
 /// An open invalidation window: the range may now change; [`end`](Self::end) it when the
@@ -72,7 +71,7 @@ pub struct InvalidateGuard<'mm> {
     mm: &'mm MmInner,
     inv: Invalidation,
     epoch: bool,
-    classic: Option<Arc<Snapshot>>,
+    classic: Option<SnapshotRef>,
     started: StartedSet,
     // Field order is drop order: the snapshot above is released before the read section below
     // (which carries the thread's guard mark), so a registration freed by this drop is freed
@@ -126,10 +125,12 @@ impl<'mm> InvalidateGuard<'mm> {
 
     /// Ends the invalidation: closes the interval epoch, then delivers
     /// `invalidate_range_end` to exactly the subscribers whose start succeeded.
+    #[inline]
     pub fn end(self) {
         drop(self);
     }
 
+    #[inline]
     pub(crate) fn start(
         mm: &'mm MmInner,
         range: Range,
@@ -202,13 +203,12 @@ impl<'mm> InvalidateGuard<'mm> {
         let mut finish: u64 = 0;
         let mut finish_spill: Vec<usize> = Vec::new();
         let mut refuser = None;
+        // One context mark for both passes (see `classic_phase_with`).
+        let phase = Scope::enter(self.mm.id, ScopeKind::Callback { nonblocking });
         for (i, hit) in hits.iter().enumerate() {
             let node = &hit.node;
             let ctx = IntervalCtx { node, cur_seq };
-            let outcome = {
-                let _cb = Scope::enter(self.mm.id, ScopeKind::Callback { nonblocking });
-                catch(caught, || hit.subscriber.invalidate(&ctx, &self.inv))
-            };
+            let outcome = catch(caught, || hit.subscriber.invalidate(&ctx, &self.inv));
             match outcome {
                 Some(Invalidate::Done) => {}
                 Some(Invalidate::Finish) if i < 64 => finish |= 1 << i,
@@ -237,10 +237,10 @@ impl<'mm> InvalidateGuard<'mm> {
             };
             if wants_finish {
                 let ctx = IntervalCtx { node, cur_seq };
-                let _cb = Scope::enter(self.mm.id, ScopeKind::Callback { nonblocking });
                 catch(caught, || hit.subscriber.invalidate_finish(&ctx, &self.inv));
             }
         }
+        drop(phase);
         match refuser {
             Some(r) if caught.is_none() => Err(r),
             _ => Ok(()),
@@ -249,11 +249,29 @@ impl<'mm> InvalidateGuard<'mm> {
 
     /// Calls the classic starts and applies the policy to a refusal.
     fn classic_phase(&mut self, caught: &mut Caught) -> Result<()> {
+        // Out of `self` while the phase works on it, so that no reference count is taken;
+        // put back afterwards. (On the paths that resume a panic, nothing is owed any more.)
+        let snapshot = self.classic.take().expect("classic phase has a snapshot");
+        let result = self.classic_phase_with(&snapshot, caught);
+        self.classic = Some(snapshot);
+        result
+    }
+
+    fn classic_phase_with(&mut self, snapshot: &Snapshot, caught: &mut Caught) -> Result<()> {
         let policy = self.mm.policy;
         let blockable = self.inv.is_blockable();
-        let snapshot = Arc::clone(self.classic.as_ref().expect("classic phase has a snapshot"));
+        let thread = self._read.thread();
         let mut refusers: Vec<Refuser> = Vec::new();
         let mut end_now_and_later = false;
+        // One context mark for the whole phase: between the callbacks the engine only counts
+        // and decides, it never blocks, so the mark covers exactly what the per-callback marks
+        // covered as far as the deadlock check can tell.
+        let phase = Scope::enter(
+            self.mm.id,
+            ScopeKind::Callback {
+                nonblocking: !blockable,
+            },
+        );
         for (i, reg) in snapshot.subs.iter().enumerate() {
             if policy.skips_released() && reg.is_released() {
                 continue;
@@ -262,32 +280,24 @@ impl<'mm> InvalidateGuard<'mm> {
                 self.started.insert(i);
                 continue;
             }
-            let result = {
-                let _cb = Scope::enter(
-                    self.mm.id,
-                    ScopeKind::Callback {
-                        nonblocking: !blockable,
-                    },
-                );
-                catch(caught, || reg.subscriber.invalidate_range_start(&self.inv))
-            };
+            let result = catch(caught, || reg.subscriber.invalidate_range_start(&self.inv));
             match result {
                 Some(Ok(())) => {
-                    reg.record_start();
+                    reg.record(Stat::Starts, thread);
                     self.started.insert(i);
                 }
                 Some(Err(Refused)) => {
-                    reg.record_refusal();
+                    reg.record(Stat::Refusals, thread);
                     if !reg.caps.can_refuse() {
-                        reg.record_violation();
+                        reg.record(Stat::Violations, thread);
                         tracing::warn!(target: "mmnotify", mm = self.mm.id, subscriber = reg.id.0, "a subscriber that did not declare may_refuse refused a start (contract violation)");
                     }
                     if reg.caps.has_end() && policy.refuser_must_not_have_end() {
-                        reg.record_violation();
+                        reg.record(Stat::Violations, thread);
                         tracing::warn!(target: "mmnotify", mm = self.mm.id, subscriber = reg.id.0, "a subscriber with an end refused a start (Linux warns: such a subscriber must not have an end)");
                     }
                     if blockable {
-                        reg.record_violation();
+                        reg.record(Stat::Violations, thread);
                         tracing::warn!(target: "mmnotify", mm = self.mm.id, subscriber = reg.id.0, range = ?self.inv.range(), "a blockable start was refused (contract violation)");
                         match policy.blockable_refusal() {
                             BlockableRefusal::NotStarted => {}
@@ -309,11 +319,12 @@ impl<'mm> InvalidateGuard<'mm> {
                 }
             }
         }
+        drop(phase);
 
         if caught.is_some() {
             // Unwind exactly: close the epoch, end who started, then resume the panic.
             self.close_epoch();
-            self.deliver_ends(caught);
+            self.deliver_ends_of(snapshot, caught);
             self.started.clear();
             resume(caught.take());
         }
@@ -321,13 +332,13 @@ impl<'mm> InvalidateGuard<'mm> {
         if end_now_and_later {
             // Linux >= 5.12 with a blockable refusal: ends go to everyone with an end now (from
             // inside the start), and again at the caller's end, which ignored the failure.
-            self.mark_all_with_end(&snapshot);
-            self.deliver_ends(caught);
+            self.mark_all_with_end(snapshot);
+            self.deliver_ends_of(snapshot, caught);
             if caught.is_some() {
                 self.close_epoch();
                 resume(caught.take());
             }
-            self.mark_all_with_end(&snapshot);
+            self.mark_all_with_end(snapshot);
         }
 
         if refusers.is_empty() {
@@ -350,7 +361,7 @@ impl<'mm> InvalidateGuard<'mm> {
             tracing::warn!(target: "mmnotify", mm = self.mm.id, ?policy, "the interval epoch of a refused start is left open (reproducing Linux)");
             self.epoch = false;
         }
-        self.deliver_ends(caught);
+        self.deliver_ends_of(snapshot, caught);
         self.started.clear();
         resume(caught.take());
         Err(refused(self.inv.range(), refusers))
@@ -374,12 +385,20 @@ impl<'mm> InvalidateGuard<'mm> {
     /// Sends `invalidate_range_end` to every started subscriber that declares one, and
     /// empties the started set.
     fn deliver_ends(&mut self, caught: &mut Caught) {
-        let Some(snapshot) = self.classic.as_ref() else {
-            return;
-        };
+        if let Some(snapshot) = self.classic.take() {
+            self.deliver_ends_of(&snapshot, caught);
+            self.classic = Some(snapshot);
+        }
+    }
+
+    /// [`Self::deliver_ends`] with the snapshot out of `self`.
+    fn deliver_ends_of(&mut self, snapshot: &Snapshot, caught: &mut Caught) {
         let nonblocking = !self.inv.is_blockable();
+        let thread = self._read.thread();
         #[cfg(feature = "fault-injection")]
         let mut counted = false;
+        // One context mark for all the ends (see `classic_phase_with`).
+        let _phase = Scope::enter(self.mm.id, ScopeKind::Callback { nonblocking });
         for (i, reg) in snapshot.subs.iter().enumerate() {
             if self.started.contains(i) && reg.caps.has_end() {
                 // Test-only: drop the first end of every n-th invalidation that delivers ends.
@@ -387,9 +406,8 @@ impl<'mm> InvalidateGuard<'mm> {
                 if !std::mem::replace(&mut counted, true) && self.mm.lose_this_end() {
                     continue;
                 }
-                let _cb = Scope::enter(self.mm.id, ScopeKind::Callback { nonblocking });
                 catch(caught, || reg.subscriber.invalidate_range_end(&self.inv));
-                reg.record_end();
+                reg.record(Stat::Ends, thread);
             }
         }
         self.started.clear();

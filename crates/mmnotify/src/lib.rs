@@ -103,6 +103,7 @@
 //! | subscriber snapshots and the started set   | `snapshot.rs` |
 //! | Exact / Kernel / Legacy                    | `policy.rs` |
 //! | the per-`Mm` read side                     | `srcu.rs` |
+//! | a number per live thread (per-thread slots) | `thread_index.rs` |
 //! | deadlock and non-blocking context checks   | `context.rs` |
 //! | the std / loom shim                        | `sync.rs` |
 //! | errors                                     | `error.rs` |
@@ -123,6 +124,7 @@ mod range;
 mod snapshot;
 mod srcu;
 mod sync;
+mod thread_index;
 
 #[cfg(test)]
 mod tests;

@@ -23,10 +23,10 @@ use crate::interval::{
 };
 use crate::policy::Policy;
 use crate::range::{Blockable, Event, Range};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Snapshot, SnapshotCell, SnapshotRef};
 use crate::srcu::Srcu;
 use crate::sync::atomic::{AtomicBool, Ordering};
-use crate::sync::{Condvar, Mutex, RwLock};
+use crate::sync::{Condvar, Fences, Mutex};
 
 /// Process-wide unique numbers for address spaces, subscribers and intervals. Not part of any
 /// protocol, so a plain `std` atomic even under loom.
@@ -78,6 +78,7 @@ pub struct Mm {
 pub struct MmBuilder {
     policy: Policy,
     initial_interval_seq: u64,
+    symmetric_fences: bool,
 }
 
 impl MmBuilder {
@@ -95,15 +96,28 @@ impl MmBuilder {
         self
     }
 
+    /// Test and benchmark knob: use the read side's fallback fences (a `SeqCst` fence on both
+    /// sides) even where `membarrier` is available, as on a system without it.
+    #[doc(hidden)]
+    pub fn symmetric_fences(mut self, symmetric: bool) -> Self {
+        self.symmetric_fences = symmetric;
+        self
+    }
+
     /// Creates the address space.
     pub fn build(self) -> Mm {
         let id = next_id();
+        let fences = if self.symmetric_fences {
+            Fences::Symmetric
+        } else {
+            Fences::detect()
+        };
         Mm {
             inner: Arc::new(MmInner {
                 id,
                 policy: self.policy,
-                srcu: Srcu::new(id),
-                snapshot: RwLock::new(Arc::new(Snapshot::default())),
+                srcu: Srcu::with_fences(id, fences),
+                snapshot: SnapshotCell::new(Snapshot::default()),
                 has_classic: AtomicBool::new(false),
                 registry: Mutex::new(Registry::default()),
                 exit: Mutex::new(()),
@@ -174,7 +188,7 @@ pub(crate) struct MmInner {
     pub(crate) policy: Policy,
     pub(crate) srcu: Srcu,
     /// The current classic snapshot; replaced, never mutated.
-    snapshot: RwLock<Arc<Snapshot>>,
+    snapshot: SnapshotCell,
     /// Whether `snapshot` is non-empty: lets an invalidation with no classic subscriber skip
     /// the snapshot lock. Written under `registry`, read inside a read section.
     has_classic: AtomicBool,
@@ -219,24 +233,24 @@ impl std::fmt::Debug for MmInner {
 impl MmInner {
     /// The current snapshot, or `None` when there is no classic subscriber. Called inside a
     /// read section.
-    pub(crate) fn classic_snapshot(&self) -> Option<Arc<Snapshot>> {
+    #[inline]
+    pub(crate) fn classic_snapshot(&self) -> Option<SnapshotRef> {
         // Acquire: pairs with the Release in `publish`.
         if !self.has_classic.load(Ordering::Acquire) {
             return None;
         }
-        Some(Arc::clone(&self.snapshot.read()))
+        Some(self.snapshot.load())
     }
 
     fn current(&self) -> Arc<Snapshot> {
-        Arc::clone(&self.snapshot.read())
+        self.snapshot.load_full()
     }
 
     /// Installs `next` as the current snapshot, handing the old one to `retired`. Called
     /// with the registry lock held.
     fn publish(&self, next: Snapshot, retired: &mut Retired) {
         let non_empty = next.len() > 0;
-        let old = std::mem::replace(&mut *self.snapshot.write(), Arc::new(next));
-        retired.0.push(old);
+        retired.0.push(self.snapshot.replace(next));
         self.has_classic.store(non_empty, Ordering::Release);
     }
 
@@ -293,6 +307,7 @@ impl Mm {
         MmBuilder {
             policy: Policy::Exact,
             initial_interval_seq: 2,
+            symmetric_fences: false,
         }
     }
 
@@ -674,6 +689,7 @@ impl Mm {
     ///
     /// [`Error::WouldDeadlock`] with [`DeadlockCause::NonBlockingContext`](crate::DeadlockCause)
     /// when called from a callback of a non-blockable invalidation.
+    #[inline]
     pub fn invalidate_start(&self, range: Range, event: Event) -> Result<InvalidateGuard<'_>> {
         if context::in_nonblocking_context() {
             context::may_block(self.inner.id, BlockingOp::InvalidateStart)?;
@@ -724,12 +740,13 @@ impl Mm {
         };
         let mut young = false;
         let skip_released = self.inner.policy.skips_released();
+        // One mark for the whole walk (callbacks only, between them nothing blocks).
+        let _cb = Scope::enter(self.inner.id, ScopeKind::Callback { nonblocking: true });
         for reg in snapshot
             .subs
             .iter()
             .filter(|r| !(skip_released && r.is_released()))
         {
-            let _cb = Scope::enter(self.inner.id, ScopeKind::Callback { nonblocking: true });
             young |= call(reg.subscriber.as_ref());
             if young && stop_at_first {
                 break;
@@ -745,10 +762,11 @@ impl Mm {
         let Some(snapshot) = self.inner.classic_snapshot() else {
             return;
         };
+        // One mark for the whole walk (callbacks only, between them nothing blocks).
+        let _cb = Scope::enter(self.inner.id, ScopeKind::Callback { nonblocking: true });
         for reg in snapshot.subs.iter().filter(|r| {
             r.caps.has_secondary_tlb() && !(self.inner.policy.skips_released() && r.is_released())
         }) {
-            let _cb = Scope::enter(self.inner.id, ScopeKind::Callback { nonblocking: true });
             reg.subscriber.arch_invalidate_secondary_tlbs(range);
         }
     }

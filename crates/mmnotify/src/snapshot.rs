@@ -2,12 +2,25 @@
 //! those whose start succeeded.
 //!
 //! Writers (register, unregister, put, release) never change a published snapshot: they build
-//! a new one and swap it in. An invalidation clones the `Arc` of the current snapshot at its
-//! start and keeps it until its end, so "who was started" is a bitmap over a list that cannot
+//! a new one and swap it in. An invalidation loads the current snapshot at its start and
+//! keeps it until its end (see below for how), so "who was started" is a bitmap over a list that cannot
 //! change under it. That answers the objection raised in the 2021 thread (computing the subset
 //! of subscribers that succeeded is hard while the list changes): here the list does not
 //! change. A subscriber registered after the start is not in the snapshot, so it can never get
 //! an end without a start.
+//!
+//! # Reading the current snapshot without a lock or a shared write
+//!
+//! The current snapshot sits in a [`SnapshotCell`]. Outside loom that is an
+//! [`arc_swap::ArcSwap`]: a start loads it with a few loads and an atomic swap on a slot its
+//! own thread owns (arc-swap's per-thread debt list), no lock and no reference count on a line that
+//! other threads write, and the window keeps the loaded [`SnapshotRef`] until its end. A writer
+//! that replaces the snapshot pays the readers' debts (turns them into real references) before
+//! it drops the old one, so the old list lives exactly as long as a window still uses it, as
+//! with the `Arc` clone it replaces (and a registration is still freed by its last reference,
+//! see `classic.rs`). Under loom, whose checker cannot see inside arc-swap, the cell is the
+//! previous `RwLock<Arc<Snapshot>>` with an `Arc` clone per load: the same contract, visible
+//! to the model.
 //!
 //! The started set is one inline `u64` for up to 64 subscribers and spills to the heap only
 //! beyond that, so the common path allocates nothing.
@@ -15,6 +28,58 @@
 use std::sync::Arc;
 
 use crate::classic::Registration;
+
+/// A loaded snapshot, kept for as long as it is used (see the module docs).
+#[cfg(not(loom))]
+pub(crate) type SnapshotRef = arc_swap::Guard<Arc<Snapshot>>;
+/// A loaded snapshot, kept for as long as it is used (see the module docs).
+#[cfg(loom)]
+pub(crate) type SnapshotRef = Arc<Snapshot>;
+
+/// The current snapshot of an `Mm`; replaced, never mutated.
+#[derive(Debug)]
+pub(crate) struct SnapshotCell {
+    #[cfg(not(loom))]
+    current: arc_swap::ArcSwap<Snapshot>,
+    #[cfg(loom)]
+    current: crate::sync::RwLock<Arc<Snapshot>>,
+}
+
+impl SnapshotCell {
+    pub(crate) fn new(snapshot: Snapshot) -> Self {
+        SnapshotCell {
+            #[cfg(not(loom))]
+            current: arc_swap::ArcSwap::from_pointee(snapshot),
+            #[cfg(loom)]
+            current: crate::sync::RwLock::new(Arc::new(snapshot)),
+        }
+    }
+
+    /// The current snapshot, for a short use or for the length of one window.
+    #[inline]
+    pub(crate) fn load(&self) -> SnapshotRef {
+        #[cfg(not(loom))]
+        return self.current.load();
+        #[cfg(loom)]
+        return Arc::clone(&self.current.read());
+    }
+
+    /// The current snapshot as an owned reference (writers, which keep it across user code).
+    pub(crate) fn load_full(&self) -> Arc<Snapshot> {
+        #[cfg(not(loom))]
+        return self.current.load_full();
+        #[cfg(loom)]
+        return Arc::clone(&self.current.read());
+    }
+
+    /// Installs `next` and returns the snapshot it replaces.
+    pub(crate) fn replace(&self, next: Snapshot) -> Arc<Snapshot> {
+        #[cfg(not(loom))]
+        return self.current.swap(Arc::new(next));
+        #[cfg(loom)]
+        return std::mem::replace(&mut *self.current.write(), Arc::new(next));
+    }
+}
 
 /// An immutable list of registrations, in call order: registration order under `Exact`,
 /// newest first under the Linux policies.
@@ -67,7 +132,7 @@ impl Snapshot {
 #[derive(Debug, Default, Clone)]
 pub(crate) struct StartedSet {
     inline: u64,
-    spill: Vec<u64>,
+    spill: Option<Box<[u64]>>,
 }
 
 impl StartedSet {
@@ -76,14 +141,14 @@ impl StartedSet {
         let extra_words = len.saturating_sub(1) / 64;
         StartedSet {
             inline: 0,
-            spill: vec![0; extra_words],
+            spill: (extra_words > 0).then(|| vec![0; extra_words].into_boxed_slice()),
         }
     }
 
     fn word(&mut self, i: usize) -> &mut u64 {
         match i / 64 {
             0 => &mut self.inline,
-            w => &mut self.spill[w - 1],
+            w => &mut self.spill.as_mut().expect("a position within the snapshot")[w - 1],
         }
     }
 
@@ -94,14 +159,19 @@ impl StartedSet {
     pub(crate) fn contains(&self, i: usize) -> bool {
         let word = match i / 64 {
             0 => self.inline,
-            w => self.spill.get(w - 1).copied().unwrap_or(0),
+            w => self
+                .spill
+                .as_ref()
+                .and_then(|spill| spill.get(w - 1))
+                .copied()
+                .unwrap_or(0),
         };
         word & (1 << (i % 64)) != 0
     }
 
     pub(crate) fn clear(&mut self) {
         self.inline = 0;
-        self.spill.iter_mut().for_each(|w| *w = 0);
+        self.spill.iter_mut().flatten().for_each(|w| *w = 0);
     }
 }
 
@@ -125,8 +195,8 @@ mod tests {
 
     #[test]
     fn started_set_for_64_does_not_spill() {
-        assert!(StartedSet::with_len(64).spill.is_empty());
-        assert_eq!(StartedSet::with_len(65).spill.len(), 1);
-        assert!(StartedSet::with_len(0).spill.is_empty());
+        assert!(StartedSet::with_len(64).spill.is_none());
+        assert_eq!(StartedSet::with_len(65).spill.map(|s| s.len()), Some(1));
+        assert!(StartedSet::with_len(0).spill.is_none());
     }
 }

@@ -53,6 +53,94 @@ pub(crate) fn unwinding_under_loom() -> bool {
 
 use std::time::Duration;
 
+/// The fence pair of the read side (`srcu.rs`): a *light* one on every read-side entry and
+/// exit, a *heavy* one in the rare writer.
+///
+/// The pair must give what two `SeqCst` fences give: for a reader's light fence and a writer's
+/// heavy fence, either everything the reader stored before its fence is visible to the writer's
+/// loads after its fence, or everything the writer stored before its fence is visible to the
+/// reader's loads after its fence.
+///
+/// * [`Fences::Asymmetric`]: the light fence is a compiler fence only (it keeps the compiler from
+///   moving the reader's accesses across it, and costs nothing at run time); the heavy fence is
+///   a `SeqCst` fence followed by `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, which makes
+///   every other running thread of the process execute a full memory barrier (a thread that is
+///   not running gets one from the context switch). The reader's fence point therefore lies
+///   either before that barrier on its thread or after it, which is the alternative above.
+///   Available only once the process registered with
+///   `MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED` (done once, by [`Fences::detect`]).
+/// * [`Fences::Symmetric`], the fallback where membarrier is unavailable (not Linux, an old
+///   kernel, a seccomp filter): a `SeqCst` fence on both sides.
+///
+/// Under loom both fences of both kinds are `SeqCst` fences (loom does not model membarrier;
+/// a `SeqCst` fence on each side is the guarantee membarrier gives the pair).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fences {
+    /// Compiler fence for readers, `membarrier` for writers.
+    Asymmetric,
+    /// `SeqCst` fences on both sides.
+    Symmetric,
+}
+
+impl Fences {
+    /// [`Fences::Asymmetric`] if this process could register for private expedited
+    /// membarrier (tried once per process), else [`Fences::Symmetric`].
+    pub(crate) fn detect() -> Fences {
+        #[cfg(all(not(loom), any(target_os = "linux", target_os = "android")))]
+        {
+            static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            let registered = *REGISTERED.get_or_init(|| {
+                use rustix::thread::{membarrier, membarrier_query, MembarrierCommand};
+                let query = membarrier_query();
+                query.contains_command(MembarrierCommand::PrivateExpedited)
+                    && query.contains_command(MembarrierCommand::RegisterPrivateExpedited)
+                    && membarrier(MembarrierCommand::RegisterPrivateExpedited).is_ok()
+                    // One real barrier, so that a kernel that accepts the registration but
+                    // refuses the command (a filter) is caught here, not in a writer.
+                    && membarrier(MembarrierCommand::PrivateExpedited).is_ok()
+            });
+            if registered {
+                Fences::Asymmetric
+            } else {
+                Fences::Symmetric
+            }
+        }
+        #[cfg(any(loom, not(any(target_os = "linux", target_os = "android"))))]
+        {
+            Fences::Asymmetric
+        }
+    }
+
+    /// The reader's fence.
+    #[inline]
+    pub(crate) fn light(self) {
+        match self {
+            #[cfg(not(loom))]
+            Fences::Asymmetric => atomic::compiler_fence(atomic::Ordering::SeqCst),
+            // Under loom: stands for the full barrier that membarrier imposes on this thread.
+            #[cfg(loom)]
+            Fences::Asymmetric => atomic::fence(atomic::Ordering::SeqCst),
+            Fences::Symmetric => atomic::fence(atomic::Ordering::SeqCst),
+        }
+    }
+
+    /// The writer's fence.
+    pub(crate) fn heavy(self) {
+        atomic::fence(atomic::Ordering::SeqCst);
+        #[cfg(all(not(loom), any(target_os = "linux", target_os = "android")))]
+        if self == Fences::Asymmetric {
+            use rustix::thread::{membarrier, MembarrierCommand};
+            // INVARIANT: `detect` returned Asymmetric only after this very command succeeded
+            // once; the kernel fails it only for a process that did not register. Should it
+            // fail anyway, the global command (a full grace period of the kernel's RCU, slow
+            // but a barrier on every CPU) keeps the pair sound.
+            if membarrier(MembarrierCommand::PrivateExpedited).is_err() {
+                let _ = membarrier(MembarrierCommand::Global);
+            }
+        }
+    }
+}
+
 /// A mutex whose `lock` cannot fail: poisoning is ignored (see the module docs).
 #[derive(Debug, Default)]
 pub(crate) struct Mutex<T>(backend::Mutex<T>);
@@ -76,10 +164,13 @@ impl<T> Mutex<T> {
     }
 }
 
-/// A reader-writer lock whose acquisitions cannot fail (poisoning is ignored).
+/// A reader-writer lock whose acquisitions cannot fail (poisoning is ignored). (Only the
+/// loom build's snapshot cell uses one now, see `snapshot.rs`.)
+#[cfg_attr(not(loom), allow(dead_code))]
 #[derive(Debug, Default)]
 pub(crate) struct RwLock<T>(backend::RwLock<T>);
 
+#[cfg_attr(not(loom), allow(dead_code))]
 impl<T> RwLock<T> {
     pub(crate) fn new(value: T) -> Self {
         Self(backend::RwLock::new(value))

@@ -32,6 +32,9 @@ mod release_skips;
 mod loom_classic;
 
 #[cfg(loom)]
+mod loom_fastread;
+
+#[cfg(loom)]
 mod loom_harness;
 
 #[cfg(loom)]
