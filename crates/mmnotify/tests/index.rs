@@ -207,6 +207,18 @@ proptest! {
         run_against_reference::<BTreeIndex<u64>>(&ops, &|t| t.assert_invariants())?;
     }
 
+    /// I23 / callback order: the `iset`-backed index gives the same answers as `LinearIndex`,
+    /// order included (its keys carry the insertion sequence, see `IsetIndex`).
+    #[test]
+    fn iset_index_matches_linear(ops in prop::collection::vec(op(), 1..160)) {
+        run_against_reference::<IsetIndex<u64>>(&ops, &|_| ())?;
+    }
+}
+
+proptest! {
+    // Each case runs up to ~1000 steps with full-range checks: fewer cases keep the binary fast.
+    #![proptest_config(ProptestConfig { cases: 32, ..config() })]
+
     /// The same on trees of three and four levels: a few hundred inserts first (so that leaves
     /// and inner nodes split), then a removal-heavy mix (so that they merge and even out).
     #[test]
@@ -223,13 +235,6 @@ proptest! {
             all.push(Op::RemoveExisting(k * 7, Pick::Any));
         }
         run_against_reference::<BTreeIndex<u64>>(&all, &|t| t.assert_invariants())?;
-    }
-
-    /// I23 / callback order: the `iset`-backed index gives the same answers as `LinearIndex`,
-    /// order included (its keys carry the insertion sequence, see `IsetIndex`).
-    #[test]
-    fn iset_index_matches_linear(ops in prop::collection::vec(op(), 1..160)) {
-        run_against_reference::<IsetIndex<u64>>(&ops, &|_| ())?;
     }
 }
 

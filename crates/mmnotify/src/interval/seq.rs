@@ -167,8 +167,79 @@ use crate::sync::{Condvar, Mutex, MutexGuard};
 pub(crate) const INLINE_HITS: usize = 8;
 
 /// The intervals one start must call (their entries, cloned under the lock: one reference
-/// count per hit, as for a bare node).
-pub(crate) type Hits = SmallVec<[Arc<IntervalEntry>; INLINE_HITS]>;
+/// count per hit, as for a bare node), in index order.
+///
+/// The first [`INLINE_HITS`] live inline; the rest go to a buffer that each thread keeps
+/// between invalidations (taken on the first hit beyond the inline ones, given back, emptied,
+/// on drop), so that only a thread's first invalidation with more hits than it ever had
+/// allocates. A nested invalidation on the same thread while the buffer is out gets a fresh one.
+#[derive(Debug, Default)]
+pub(crate) struct Hits {
+    inline: SmallVec<[Arc<IntervalEntry>; INLINE_HITS]>,
+    more: Vec<Arc<IntervalEntry>>,
+}
+
+#[cfg(not(loom))]
+std::thread_local! {
+    /// The calling thread's spare buffer for [`Hits`] beyond the inline ones. Not part of any
+    /// protocol (no other thread sees it), hence std's thread-local even under the shim.
+    static SPARE_HITS: std::cell::Cell<Vec<Arc<IntervalEntry>>> =
+        const { std::cell::Cell::new(Vec::new()) };
+}
+
+impl Hits {
+    pub(crate) fn new() -> Self {
+        Hits::default()
+    }
+
+    fn push(&mut self, entry: Arc<IntervalEntry>) {
+        if self.inline.len() < INLINE_HITS {
+            self.inline.push(entry);
+            return;
+        }
+        if self.more.capacity() == 0 {
+            #[cfg(not(loom))]
+            {
+                self.more = SPARE_HITS
+                    .try_with(std::cell::Cell::take)
+                    .unwrap_or_default();
+            }
+        }
+        self.more.push(entry);
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.inline.is_empty()
+    }
+
+    /// The hits in index order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<IntervalEntry>> {
+        self.inline.iter().chain(self.more.iter())
+    }
+}
+
+impl Drop for Hits {
+    fn drop(&mut self) {
+        if self.more.capacity() == 0 {
+            return;
+        }
+        // The entries go first (a last reference may run a subscriber's `Drop`, which may
+        // invalidate and so use the spare buffer itself).
+        self.more.clear();
+        let spare = std::mem::take(&mut self.more);
+        #[cfg(not(loom))]
+        let _ = SPARE_HITS.try_with(move |slot| {
+            let kept = slot.take();
+            slot.set(if kept.capacity() >= spare.capacity() {
+                kept
+            } else {
+                spare
+            });
+        });
+        #[cfg(loom)]
+        drop(spare);
+    }
+}
 
 /// The occupancy filter's chunk size: addresses `a` and `b` share a bucket when
 /// `(a >> CHUNK_SHIFT) % 64 == (b >> CHUNK_SHIFT) % 64` (1 GiB chunks, 64 buckets).

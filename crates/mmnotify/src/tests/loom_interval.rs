@@ -588,7 +588,11 @@ fn loom_lockfree_read_begin_never_commits_stale() {
         mm.invalidate_start(range(0x1000, 0x2000), Event::Unmap)
             .unwrap()
             .end();
-        assert_eq!(handle.read_begin().unwrap().value(), 3, "s_i from a closed epoch");
+        assert_eq!(
+            handle.read_begin().unwrap().value(),
+            3,
+            "s_i from a closed epoch"
+        );
         let primary = Arc::new(AtomicUsize::new(0));
 
         let invalidator = {
