@@ -625,11 +625,11 @@ fn loom_lockfree_read_begin_never_commits_stale() {
 /// which takes no lock unless it closes an epoch, must close the epoch the insert opened
 /// (else `read_begin` sleeps forever and loom reports the deadlock).
 ///
-/// Shown to fail against four broken copies, each run once: an insert that ignores `A`
-/// (stale commit); an insert without the fence before its load of `A` (stale commit); a begin
-/// without the `SeqCst` order between its increment and its filter load (stale commit); an
-/// end that never closes an epoch it did not see open, with the insert not closing it either
-/// (the insert's second `close_if_idle` removed: deadlock).
+/// Shown to fail against four broken copies of `Itree`, each run once: an insert that ignores
+/// `A` (stale commit); an insert without the fence before its load of `A` (stale commit); a
+/// begin without the `SeqCst` order between its increment and its filter load (stale commit);
+/// an insert that does not close the epoch it opened after seeing every range end (loom
+/// reports the deadlock of the `read_begin` that sleeps forever).
 #[test]
 fn loom_skipped_begin_never_misses_a_concurrent_insert() {
     let seen = Seen::new();
