@@ -88,10 +88,20 @@
 //! * If `s_i` is older than the open epoch, the epoch has not tagged the interval yet: case 3,
 //!   whatever S the second load returned.
 //!
-//! The membership test (a removed interval is an error) is a third, relaxed load of the same
-//! line as `s_i`. `read_begin` writes nothing, and reads `S`, a line written twice per epoch,
-//! so a stream of invalidations on other ranges no longer bounces the interval lock's line
-//! against it.
+//! A stream of epochs on *other* intervals writes S twice per epoch, and a reader that loads S
+//! would fetch its line from the writer's core each time. So each node also remembers one tag
+//! whose epoch is known to be closed (`closed_tag`): a `read_begin` that saw the tag's epoch
+//! closed (S moved on, or it waited for the close) stores the tag there with Release, and the
+//! next `read_begin` that loads the same tag loads `closed_tag` (Acquire) instead of S and
+//! returns at once. That is sound because a tag names one epoch for good (step 1) and a closed
+//! epoch never reopens, and the Release/Acquire pair hands on the close's happens-before, so the
+//! later reader sees the epoch's primary changes as if it had loaded S itself. An idle insert
+//! stores `S - 1` there (no epoch to wait for). The common fast path then reads only the node's
+//! own line: the tag, the membership and `closed_tag`.
+//!
+//! The membership test (a removed interval is an error) is a relaxed load of the same line as
+//! `s_i`. `read_begin` takes no lock, so a stream of invalidations on other ranges no longer
+//! bounces the interval lock's line against it.
 //!
 //! # Skipping the lock
 //!
@@ -574,6 +584,10 @@ impl Itree {
             state.index.insert(start, last, entry);
             node.set_membership(Membership::InTree);
             node.seq.store(seq.wrapping_sub(1), Ordering::Relaxed);
+            // `S - 1` is no open epoch's value (S is even, nothing in flight): nothing to wait
+            // for, and the handle is published only after this insert returns.
+            node.closed_tag
+                .store(seq.wrapping_sub(1), Ordering::Relaxed);
         }
         drop(state);
         self.finish_close(closed);
@@ -679,13 +693,19 @@ impl Itree {
         // Acquire: pairs with the Release in `set_seq`, so the load of S below returns the
         // epoch that wrote this tag or a later value.
         let seq = node.seq.load(Ordering::Acquire);
-        // Acquire: pairs with the Release of a close, so an epoch seen closed has finished
-        // changing the primary before the mirror reads it.
-        let now = self.seq.load(Ordering::Acquire);
         if node.membership() == Membership::Removed {
             return Err(Error::IntervalNotInserted { id: node.id });
         }
+        // Acquire: pairs with the Release below, made by a thread that saw the close.
+        if node.closed_tag.load(Ordering::Acquire) == seq {
+            return Ok(ReadSeq(seq));
+        }
+        // Acquire: pairs with the Release of a close, so an epoch seen closed has finished
+        // changing the primary before the mirror reads it.
+        let now = self.seq.load(Ordering::Acquire);
         if seq != now {
+            // Release: hands the close on to the next `read_begin` of this tag.
+            node.closed_tag.store(seq, Ordering::Release);
             return Ok(ReadSeq(seq));
         }
         self.read_begin_slow(node, seq, deadline)
@@ -725,6 +745,8 @@ impl Itree {
             }
             state.waiters -= 1;
         }
+        // The close happened before this (the lock orders it); Release as in the fast path.
+        node.closed_tag.store(seq, Ordering::Release);
         Ok(ReadSeq(seq))
     }
 }

@@ -670,3 +670,56 @@ fn loom_skipped_begin_never_misses_a_concurrent_insert() {
         "mirror valid",
     ]);
 }
+
+/// Issue 11 item 5, I29/I30 for the node's `closed_tag` (a tag whose epoch a `read_begin` saw
+/// closed, so that the next `read_begin` of the same tag reads nothing outside the node).
+/// Thread W runs an invalidation of the interval that changes the primary; thread R calls
+/// `read_begin` (it may see the epoch closed and record the tag); the main thread faults the
+/// interval in concurrently, so its `read_begin` may return through R's record without ever
+/// loading S. A commit never survives W's change: R's Release hands the close on.
+///
+/// Shown to fail (stale commit) against a broken copy of `Itree::read_begin` that stores and
+/// loads `closed_tag` with `Relaxed`, run once.
+#[test]
+fn loom_closed_tag_hands_on_the_close() {
+    let seen = Seen::new();
+    let record = seen.clone();
+    model(move || {
+        let mm = Mm::new();
+        let sub = MirrorSub::new(false);
+        let handle = insert(&mm, &sub);
+        let primary = Arc::new(AtomicUsize::new(0));
+
+        let invalidator = {
+            let mm = mm.clone();
+            let primary = primary.clone();
+            thread::spawn(move || {
+                let guard = mm
+                    .invalidate_start(range(0x1000, 0x2000), Event::Unmap)
+                    .unwrap();
+                primary.fetch_add(1, SeqCst);
+                guard.end();
+            })
+        };
+        let other_reader = {
+            let handle = handle.clone();
+            thread::spawn(move || {
+                let _ = handle.read_begin().unwrap();
+            })
+        };
+
+        let seq = handle.read_begin().unwrap();
+        let version = primary.load(SeqCst);
+        {
+            let mut mirror = sub.mirror.lock().unwrap();
+            if !handle.read_retry(seq) {
+                mirror.valid = true;
+                mirror.version = version;
+            }
+        }
+        invalidator.join().unwrap();
+        other_reader.join().unwrap();
+        record.record(check_mirror(&mm, &sub, &primary, "I30"));
+    });
+    seen.assert_all(&["mirror valid", "mirror invalidated"]);
+}
