@@ -147,8 +147,9 @@
 //! On real targets the `SeqCst` read-modify-write followed by a `SeqCst` load costs no fence
 //! (on x86 the locked instruction is one); under loom, which models `SeqCst` accesses as
 //! acquire/release only, `loom_sees_seqcst_order` adds the fence the model needs to see the same
-//! order. The loom models `loom_lockfree_read_begin_*` and `loom_skipped_begin_*` check both
-//! arguments, and fail against copies with the bugs they describe.
+//! order. The loom models `loom_lockfree_read_begin_never_commits_stale`,
+//! `loom_closed_tag_hands_on_the_close` and `loom_skipped_begin_never_misses_a_concurrent_insert`
+//! check these arguments, and fail against copies with the bugs their doc comments describe.
 //!
 //! # Waking only waiters
 //!
