@@ -421,6 +421,24 @@ pub fn run(config: &Config, log: &mut dyn FnMut(&str)) -> Report {
                 engine_hot_ns,
             });
         }
+        // Issue 11 item 5: a range in an occupancy bucket no interval touches skips the
+        // interval lock (compare with the 0-hit gap query above, which takes it).
+        log(&format!(
+            "(b) invalidate far from every interval, {n} intervals"
+        ));
+        let far = mmnotify::Range::from_len(FAR_FROM_INTERVALS, fixtures::LEN).expect("range");
+        let far_ns = measure::ns_per_op(&budget, || fixtures::start_end(&f.mm, far));
+        rows.push(ns_row(
+            format!("b/invalidate_far/{n}"),
+            format!(
+                "invalidation, {n} intervals, 0 hit, far from every interval (no interval lock)"
+            ),
+            far_ns,
+            Some((
+                "engine, 0 hit in a gap (takes the lock)",
+                engine_gap_ns(&rows, n),
+            )),
+        ));
         if n == sizes[0] {
             let mut cycle = f.cycle(16);
             if let Some(allocs) =
@@ -440,6 +458,9 @@ pub fn run(config: &Config, log: &mut dyn FnMut(&str)) -> Report {
             drop(f);
         }
     }
+
+    // --- (b) the index structures alone (issue 11 item 7) -------------------------------------
+    index_rows(&budget, sizes[2], &mut rows, log);
 
     // --- (c) read side -------------------------------------------------------------------------
     log("(c) read_begin + read_retry, uncontended");
@@ -485,6 +506,21 @@ pub fn run(config: &Config, log: &mut dyn FnMut(&str)) -> Report {
             Some(("uncontended read pair", uncontended)),
         ));
     }
+    // Control for the streams (issue 11): a second thread that only spins on its own registers,
+    // sharing no line with the reader, so what it costs the reader is the machine's, not the
+    // engine's.
+    log("(c) read_begin + read_retry, next to a thread that shares nothing");
+    let spinner = Spinner::start();
+    let ns = measure::ns_per_op_median(&budget, || {
+        fixtures::read_pair(&rf.handle);
+    });
+    drop(spinner);
+    rows.push(ns_row(
+        "c/read_pair/busy_neighbour".into(),
+        "read_begin+read_retry, median, next to a thread that shares nothing (control)".into(),
+        ns,
+        Some(("uncontended read pair", uncontended)),
+    ));
     drop(rf);
 
     // --- (d) churn -----------------------------------------------------------------------------
@@ -617,6 +653,97 @@ pub fn run(config: &Config, log: &mut dyn FnMut(&str)) -> Report {
     report
 }
 
+/// A thread that spins on its own registers until dropped: the no-sharing control of the
+/// read-side streams.
+struct Spinner {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    worker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Spinner {
+    fn start() -> Spinner {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let worker = std::thread::spawn(move || {
+            let mut x = 1u64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                for _ in 0..64 {
+                    x = black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            }
+        });
+        Spinner {
+            stop,
+            worker: Some(worker),
+        }
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+/// An address in an occupancy bucket (1 GiB chunks modulo 64) that no fixture interval
+/// touches: 40 GiB, beyond the 8 GiB that a million intervals span.
+const FAR_FROM_INTERVALS: u64 = 40 << 30;
+
+/// The engine's 0-hit figure for `n` intervals, measured just before.
+fn engine_gap_ns(rows: &[Row], n: u64) -> f64 {
+    rows.iter()
+        .find(|r| r.id == format!("b/invalidate/{n}/0"))
+        .map_or(f64::NAN, |r| r.value)
+}
+
+/// The two index structures alone, on the same `n` fixture intervals and the same query
+/// cycles as figure (b): the AVL tree (`AugmentedTree`) and the B-tree (`BTreeIndex`).
+fn index_rows(budget: &Budget, n: u64, rows: &mut Vec<Row>, log: &mut dyn FnMut(&str)) {
+    use mmnotify::interval::index::{AugmentedTree, BTreeIndex, IntervalIndex};
+    log(&format!("(b) index structures alone, {n} intervals"));
+    let mut avl = AugmentedTree::new();
+    let mut btree = BTreeIndex::new();
+    for i in 0..n {
+        let (start, last) = fixtures::interval_bounds(i);
+        avl.insert(start, last, i);
+        btree.insert(start, last, i);
+    }
+    fn query_ns<I: IntervalIndex<u64>>(
+        budget: &Budget,
+        index: &I,
+        queries: &[mmnotify::Range],
+    ) -> f64 {
+        let mut at = 0usize;
+        measure::ns_per_op(budget, || {
+            let r = queries[at % queries.len()];
+            at += 1;
+            let mut sum = 0u64;
+            index.for_each_overlap(r.start(), r.last(), &mut |v| sum += *v);
+            black_box(sum);
+        })
+    }
+    for hits in HIT_COUNTS {
+        let queries = fixtures::queries(n, hits);
+        let avl_ns = query_ns(budget, &avl, &queries);
+        let btree_ns = query_ns(budget, &btree, &queries);
+        rows.push(ns_row(
+            format!("b/index/avl/{n}/{hits}"),
+            format!("index query alone, AVL tree, {n} intervals, {hits} hit"),
+            avl_ns,
+            None,
+        ));
+        rows.push(ns_row(
+            format!("b/index/btree/{n}/{hits}"),
+            format!("index query alone, B-tree (8-16 per node), {n} intervals, {hits} hit"),
+            btree_ns,
+            Some(("AVL tree, same queries", avl_ns)),
+        ));
+    }
+}
+
 fn targets(r: &Report, sizes: [u64; 3]) -> Vec<TargetCheck> {
     let mut out = Vec::new();
     let v = |id: &str| r.value(id).unwrap_or(f64::NAN);
@@ -731,6 +858,24 @@ fn targets(r: &Report, sizes: [u64; 3]) -> Vec<TargetCheck> {
         target: "(c) read_begin+read_retry under 10 ns uncontended".into(),
         measured: format!("{c:.1} ns"),
         verdict: Verdict::from_bool(c < 10.0),
+    });
+
+    // Issue 11 item 5.
+    out.push(TargetCheck {
+        target: "(c) read_begin+read_retry at most 4 ns uncontended (issue 11)".into(),
+        measured: format!("{c:.1} ns"),
+        verdict: Verdict::from_bool(c <= 4.0),
+    });
+    let disjoint = v("c/read_pair/disjoint");
+    let neighbour = v("c/read_pair/busy_neighbour");
+    out.push(TargetCheck {
+        target: "(c) not slowed by a stream on other ranges: within 1.25x uncontended".into(),
+        measured: format!(
+            "{disjoint:.1} ns = {:.2}x uncontended; next to a thread sharing nothing {neighbour:.1} ns = {:.2}x",
+            disjoint / c,
+            neighbour / c
+        ),
+        verdict: Verdict::from_bool(disjoint <= 1.25 * c),
     });
 
     let e = v("e/scaling");

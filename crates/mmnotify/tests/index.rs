@@ -4,11 +4,11 @@
 //! `invalidate`, non-overlapping ones none: the visited multiset must be exact) and for the
 //! reproducible callback order that I32 ("in callback order") builds on: ascending `start`,
 //! insertion order among equal starts. Both are checked here by driving random operation
-//! sequences through [`AugmentedTree`] and [`IsetIndex`] in lockstep with [`LinearIndex`] and
+//! sequences through [`AugmentedTree`], [`BTreeIndex`] and [`IsetIndex`] in lockstep with [`LinearIndex`] and
 //! demanding identical answers, order included. The no-allocation half of the contract (I8)
 //! lives in `tests/index_alloc.rs`, which needs its own global allocator.
 
-use mmnotify::interval::index::{AugmentedTree, IntervalIndex, IsetIndex, LinearIndex};
+use mmnotify::interval::index::{AugmentedTree, BTreeIndex, IntervalIndex, IsetIndex, LinearIndex};
 use proptest::prelude::*;
 
 /// Which entry a removal is after, as a predicate on the value (the entry's id).
@@ -199,11 +199,42 @@ proptest! {
         run_against_reference::<AugmentedTree<u64>>(&ops, &|t| t.assert_invariants())?;
     }
 
+    /// I23 / callback order: `BTreeIndex` visits exactly what `LinearIndex` visits, in the
+    /// same order, removes the same entry after offering the same candidates, and keeps every
+    /// structural invariant (order, summaries, fill, equal leaf depth, arena accounting).
+    #[test]
+    fn btree_matches_linear(ops in prop::collection::vec(op(), 1..160)) {
+        run_against_reference::<BTreeIndex<u64>>(&ops, &|t| t.assert_invariants())?;
+    }
+
     /// I23 / callback order: the `iset`-backed index gives the same answers as `LinearIndex`,
     /// order included (its keys carry the insertion sequence, see `IsetIndex`).
     #[test]
     fn iset_index_matches_linear(ops in prop::collection::vec(op(), 1..160)) {
         run_against_reference::<IsetIndex<u64>>(&ops, &|_| ())?;
+    }
+}
+
+proptest! {
+    // Each case runs up to ~1000 steps with full-range checks: fewer cases keep the binary fast.
+    #![proptest_config(ProptestConfig { cases: 32, ..config() })]
+
+    /// The same on trees of three and four levels: a few hundred inserts first (so that leaves
+    /// and inner nodes split), then a removal-heavy mix (so that they merge and even out).
+    #[test]
+    fn btree_matches_linear_deep(
+        fill in prop::collection::vec((addr(), 0u64..5000), 200..600),
+        ops in prop::collection::vec(op(), 1..200),
+    ) {
+        let mut all: Vec<Op> = fill
+            .into_iter()
+            .map(|(s, len)| Op::Insert(s, s.saturating_add(len)))
+            .collect();
+        for (k, op) in ops.into_iter().enumerate() {
+            all.push(op);
+            all.push(Op::RemoveExisting(k * 7, Pick::Any));
+        }
+        run_against_reference::<BTreeIndex<u64>>(&all, &|t| t.assert_invariants())?;
     }
 }
 
@@ -231,6 +262,11 @@ fn edge_values<I: IntervalIndex<u64>>() {
 #[test]
 fn edge_values_tree() {
     edge_values::<AugmentedTree<u64>>();
+}
+
+#[test]
+fn edge_values_btree() {
+    edge_values::<BTreeIndex<u64>>();
 }
 
 #[test]
@@ -285,6 +321,11 @@ fn duplicates_and_absent<I: IntervalIndex<u64>>() {
 #[test]
 fn duplicates_and_absent_tree() {
     duplicates_and_absent::<AugmentedTree<u64>>();
+}
+
+#[test]
+fn duplicates_and_absent_btree() {
+    duplicates_and_absent::<BTreeIndex<u64>>();
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::hint::black_box;
 
-use mmnotify::interval::index::{AugmentedTree, IntervalIndex};
+use mmnotify::interval::index::{AugmentedTree, BTreeIndex, IntervalIndex};
 
 /// Forwards to [`System`], counting allocations made by an armed thread.
 struct Counting;
@@ -79,11 +79,10 @@ impl Rng {
 }
 
 /// I8: with 100 000 entries (short, long, nested, duplicated, touching `0` and `u64::MAX`), no
-/// query allocates, whether it hits nothing, a few or everything; the hit counts are checked
-/// against brute force so the queries demonstrably ran. Removing an entry and inserting one
-/// reuses the freed arena slot, so that steady-state churn does not allocate either.
-#[test]
-fn augmented_tree_queries_do_not_allocate() {
+/// query of `I` allocates, whether it hits nothing, a few or everything; the hit counts are
+/// checked against brute force so the queries demonstrably ran. Returns the index and the
+/// bounds of its entries (entry `id` has `bounds[id]`).
+fn queries_do_not_allocate<I: IntervalIndex<u64>>() -> (I, Vec<(u64, u64)>) {
     // The counter works: an allocation in an armed region is seen.
     assert!(
         allocations_during(|| drop(black_box(Vec::<u8>::with_capacity(64)))) >= 1,
@@ -109,7 +108,7 @@ fn augmented_tree_queries_do_not_allocate() {
         };
         bounds.push((s, l));
     }
-    let mut tree = AugmentedTree::new();
+    let mut tree = I::default();
     for (id, &(s, l)) in bounds.iter().enumerate() {
         tree.insert(s, l, id as u64);
     }
@@ -141,7 +140,15 @@ fn augmented_tree_queries_do_not_allocate() {
         assert_eq!(allocs, 0, "query [{qs}, {ql}] allocated {allocs} times");
         black_box(last_id_sum);
     }
+    (tree, bounds)
+}
 
+/// I8 for the AVL tree; and removing an entry and inserting one reuses the freed arena slot,
+/// so that steady-state churn does not allocate either.
+#[test]
+fn augmented_tree_queries_do_not_allocate() {
+    let (mut tree, bounds) = queries_do_not_allocate::<AugmentedTree<u64>>();
+    const N: usize = 100_000;
     // Steady-state churn: remove one entry, insert one; the freed slot is reused.
     let allocs = allocations_during(|| {
         for id in (0..1000u64).step_by(7) {
@@ -153,4 +160,12 @@ fn augmented_tree_queries_do_not_allocate() {
     });
     assert_eq!(allocs, 0, "remove + insert allocated {allocs} times");
     assert_eq!(tree.len(), N);
+}
+
+/// I8 for the B-tree (the engine's index): no query allocates. (Its inserts and removes may:
+/// node splits and merges move entries between vectors; they are not on the fast path.)
+#[test]
+fn btree_queries_do_not_allocate() {
+    let (tree, _) = queries_do_not_allocate::<BTreeIndex<u64>>();
+    tree.assert_invariants();
 }

@@ -12,11 +12,20 @@
 //! Entries are visited in ascending `start` order, entries with equal `start` in insertion
 //! order; the engine calls interval callbacks in that order, which keeps runs reproducible.
 //!
-//! # The three implementations
+//! # The four implementations
 //!
 //! * [`LinearIndex`]: a sorted vector scanned in full. Obviously right, O(n) per query; the
 //!   reference every other implementation is tested against.
-//! * [`AugmentedTree`]: the index the engine uses (`DefaultIndex`). Described below.
+//! * [`BTreeIndex`]: the index the engine uses (`DefaultIndex`): the same ordering and
+//!   augmentation as the AVL tree below, but 8 to 16 entries per leaf and 8 to 16 children per
+//!   inner node, each child recorded in its parent with its smallest key and largest `last`.
+//!   A query at one level reads one node's contiguous child records (a few adjacent cache
+//!   lines, which the prefetcher fetches together) instead of one node per level of a binary
+//!   tree, and a million entries fit in 5 to 7 levels instead of about 20. Measured on the
+//!   engine's fixture (`mmnotify bench`, rows `b/index/*`), a query among 1e6 intervals at
+//!   random positions costs about a fifth of the AVL tree's; see docs/PERFORMANCE.md.
+//! * [`AugmentedTree`]: an AVL tree, the engine's index before the B-tree; kept as a second
+//!   structure with its own proofs, and as the B-tree's yardstick. Described below.
 //! * [`IsetIndex`]: the same contract on top of the third-party `iset` crate. Its queries
 //!   allocate (the crate's iterators keep a heap-allocated stack), so it is not fit for the
 //!   fast path; it is kept as an independent second opinion in the tests and as a baseline for
@@ -150,8 +159,9 @@ impl<V: Send> IntervalIndex<V> for LinearIndex<V> {
     }
 }
 
-/// The index the engine uses.
-pub(crate) type DefaultIndex<V> = AugmentedTree<V>;
+/// The index the engine uses (the B-tree measured faster than the AVL tree at every size of
+/// figure (b); see docs/PERFORMANCE.md).
+pub(crate) type DefaultIndex<V> = BTreeIndex<V>;
 
 /// "No node": the empty child, the empty tree, the end of the free list.
 const NIL: u32 = u32::MAX;
@@ -186,7 +196,8 @@ enum Slot<V> {
 }
 
 /// A balanced interval tree: an AVL tree keyed by `(start, insertion sequence)`, each node
-/// augmented with the largest `last` of its subtree. The index the engine uses.
+/// augmented with the largest `last` of its subtree. (The engine's index was this until the
+/// [`BTreeIndex`] measured faster.)
 ///
 /// Insert and remove are O(log n); a query visits its hits in the order the trait requires
 /// without allocating, in O(log n + k) when the hits are neighbours in `start` order (see the
@@ -721,5 +732,506 @@ impl<V: Send> IntervalIndex<V> for IsetIndex<V> {
 
     fn len(&self) -> usize {
         self.map.len()
+    }
+}
+
+/// Most items (entries in a leaf, children in an inner node) one [`BTreeIndex`] node holds.
+const B_MAX: usize = 16;
+/// Fewest items of a node other than the root; a node that drops below is refilled from or
+/// merged with a sibling.
+const B_MIN: usize = B_MAX / 2;
+
+/// One entry of a [`BTreeIndex`] leaf.
+#[derive(Debug)]
+struct BEntry<V> {
+    start: u64,
+    last: u64,
+    /// Insertion sequence number; `(start, seq)` is the search key.
+    seq: u64,
+    value: V,
+}
+
+/// What an inner node knows about one child: the child's smallest key and largest `last`.
+#[derive(Clone, Copy, Debug)]
+struct BChild {
+    start: u64,
+    seq: u64,
+    max_last: u64,
+    node: u32,
+}
+
+/// An arena slot of a [`BTreeIndex`].
+#[derive(Debug)]
+enum BNode<V> {
+    Leaf(Vec<BEntry<V>>),
+    Inner(Vec<BChild>),
+    Free { next: u32 },
+}
+
+/// A B-tree of intervals: up to 16 entries per leaf and 16 children per inner node, each child
+/// summarised in its parent by its smallest key and largest `last`, so a query reads a few
+/// contiguous cache lines per level instead of one node per level of a binary tree.
+///
+/// Ordering, duplicates and visiting order are those of [`AugmentedTree`] (key
+/// `(start, insertion sequence)`); the walk skips a child whose `max_last` is below the query
+/// and stops at the first child whose smallest `start` is beyond it. Every node but the root
+/// holds between 8 and 16 items, so the tree has at most `1 + log8(n)` levels. Insert and
+/// remove are O(16 · log n); a query visits its hits in order without allocating.
+///
+/// # Invariants
+///
+/// Checked by [`BTreeIndex::assert_invariants`]:
+///
+/// 1. *Search order.* Walking the leaves left to right yields strictly increasing keys.
+/// 2. *Summaries.* Every inner node's record of a child holds the child's smallest key and the
+///    largest `last` below it.
+/// 3. *Fill.* Every node holds at most 16 items; every node but the root at least 8; the root,
+///    if inner, at least 2; an empty tree has no root.
+/// 4. *Balance.* All leaves are at the same depth.
+/// 5. *Arena accounting.* Every slot is reachable exactly once or on the free list exactly
+///    once; `len` is the number of entries.
+pub struct BTreeIndex<V> {
+    nodes: Vec<BNode<V>>,
+    free: u32,
+    root: u32,
+    len: usize,
+    next_seq: u64,
+}
+
+impl<V> Default for BTreeIndex<V> {
+    fn default() -> Self {
+        BTreeIndex {
+            nodes: Vec::new(),
+            free: NIL,
+            root: NIL,
+            len: 0,
+            next_seq: 0,
+        }
+    }
+}
+
+impl<V: fmt::Debug> fmt::Debug for BTreeIndex<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BTreeIndex")
+            .field("len", &self.len)
+            .field("height", &self.height())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<V> BTreeIndex<V> {
+    /// An empty index.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The number of levels: 0 when empty, 1 for a single leaf.
+    pub fn height(&self) -> usize {
+        let mut height = 0;
+        let mut at = self.root;
+        while at != NIL {
+            height += 1;
+            at = match &self.nodes[at as usize] {
+                BNode::Inner(children) => children[0].node,
+                _ => NIL,
+            };
+        }
+        height
+    }
+
+    /// Checks every invariant listed on the type, panicking with a description of the first
+    /// violation. O(n); meant for tests.
+    pub fn assert_invariants(&self) {
+        let mut prev = None;
+        let mut seen_nodes = 0usize;
+        let mut entries = 0usize;
+        let mut leaf_depth = None;
+        if self.root != NIL {
+            if let BNode::Inner(children) = &self.nodes[self.root as usize] {
+                assert!(children.len() >= 2, "an inner root with one child");
+            }
+            self.check_node(
+                self.root,
+                true,
+                0,
+                &mut leaf_depth,
+                &mut prev,
+                &mut seen_nodes,
+                &mut entries,
+            );
+        }
+        assert_eq!(entries, self.len, "len does not match the entries");
+        let mut free = 0usize;
+        let mut at = self.free;
+        while at != NIL {
+            match &self.nodes[at as usize] {
+                BNode::Free { next } => at = *next,
+                _ => panic!("slot {at} is on the free list but in use"),
+            }
+            free += 1;
+            assert!(free <= self.nodes.len(), "the free list has a cycle");
+        }
+        assert_eq!(
+            seen_nodes + free,
+            self.nodes.len(),
+            "some slot is neither reachable nor free"
+        );
+    }
+
+    /// Returns the summary of the subtree, checking it on the way.
+    #[allow(clippy::too_many_arguments)]
+    fn check_node(
+        &self,
+        id: u32,
+        is_root: bool,
+        depth: usize,
+        leaf_depth: &mut Option<usize>,
+        prev: &mut Option<(u64, u64)>,
+        seen_nodes: &mut usize,
+        entries: &mut usize,
+    ) -> BChild {
+        *seen_nodes += 1;
+        assert!(*seen_nodes <= self.nodes.len(), "a node is reachable twice");
+        match &self.nodes[id as usize] {
+            BNode::Free { .. } => panic!("free slot {id} is linked into the tree"),
+            BNode::Leaf(es) => {
+                assert!(es.len() <= B_MAX, "leaf {id} overfull");
+                assert!(is_root || es.len() >= B_MIN, "leaf {id} underfull");
+                assert!(!es.is_empty(), "empty leaf {id}");
+                match leaf_depth {
+                    None => *leaf_depth = Some(depth),
+                    Some(d) => assert_eq!(*d, depth, "leaves at different depths"),
+                }
+                for e in es {
+                    assert!(e.start <= e.last, "entry with start > last");
+                    assert!(e.seq < self.next_seq, "future sequence number");
+                    let key = (e.start, e.seq);
+                    if let Some(p) = *prev {
+                        assert!(p < key, "keys out of order: {p:?} before {key:?}");
+                    }
+                    *prev = Some(key);
+                    *entries += 1;
+                }
+                self.summary(id)
+            }
+            BNode::Inner(children) => {
+                assert!(children.len() <= B_MAX, "inner node {id} overfull");
+                assert!(is_root || children.len() >= B_MIN, "inner {id} underfull");
+                for c in children {
+                    let real = self.check_node(
+                        c.node,
+                        false,
+                        depth + 1,
+                        leaf_depth,
+                        prev,
+                        seen_nodes,
+                        entries,
+                    );
+                    assert_eq!(
+                        (c.start, c.seq, c.max_last),
+                        (real.start, real.seq, real.max_last),
+                        "stale summary of node {} in {id}",
+                        c.node
+                    );
+                }
+                self.summary(id)
+            }
+        }
+    }
+
+    /// The record a parent keeps of node `id` (which is not empty).
+    fn summary(&self, id: u32) -> BChild {
+        match &self.nodes[id as usize] {
+            BNode::Leaf(es) => BChild {
+                start: es[0].start,
+                seq: es[0].seq,
+                max_last: es.iter().map(|e| e.last).max().unwrap_or(0),
+                node: id,
+            },
+            BNode::Inner(cs) => BChild {
+                start: cs[0].start,
+                seq: cs[0].seq,
+                max_last: cs.iter().map(|c| c.max_last).max().unwrap_or(0),
+                node: id,
+            },
+            BNode::Free { .. } => unreachable!("a free slot is linked into the tree"),
+        }
+    }
+
+    fn alloc(&mut self, node: BNode<V>) -> u32 {
+        if self.free != NIL {
+            let id = self.free;
+            let BNode::Free { next } = std::mem::replace(&mut self.nodes[id as usize], node) else {
+                unreachable!("the free list holds only free slots")
+            };
+            self.free = next;
+            id
+        } else {
+            let id = u32::try_from(self.nodes.len())
+                .ok()
+                .filter(|&id| id != NIL)
+                .expect("BTreeIndex arena full");
+            self.nodes.push(node);
+            id
+        }
+    }
+
+    fn release(&mut self, id: u32) -> BNode<V> {
+        let node = std::mem::replace(
+            &mut self.nodes[id as usize],
+            BNode::Free { next: self.free },
+        );
+        self.free = id;
+        node
+    }
+
+    /// Inserts into the subtree `id`; returns the new right sibling if `id` split.
+    fn insert_into(&mut self, id: u32, entry: BEntry<V>) -> Option<u32> {
+        let (start, seq, last) = (entry.start, entry.seq, entry.last);
+        let child_at = match &mut self.nodes[id as usize] {
+            BNode::Leaf(es) => {
+                // The new entry has the largest sequence number: it goes after every equal start.
+                let at = es.partition_point(|e| e.start <= start);
+                es.insert(at, entry);
+                if es.len() <= B_MAX {
+                    return None;
+                }
+                let right = es.split_off(es.len() / 2);
+                return Some(self.alloc(BNode::Leaf(right)));
+            }
+            BNode::Inner(cs) => {
+                let at = cs.partition_point(|c| c.start <= start).saturating_sub(1);
+                let c = &mut cs[at];
+                // The entry joins child `at`: keep its summary right on the way down.
+                if (start, seq) < (c.start, c.seq) {
+                    (c.start, c.seq) = (start, seq);
+                }
+                c.max_last = c.max_last.max(last);
+                at
+            }
+            BNode::Free { .. } => unreachable!("a free slot is linked into the tree"),
+        };
+        let child = match &self.nodes[id as usize] {
+            BNode::Inner(cs) => cs[child_at].node,
+            _ => unreachable!(),
+        };
+        let split = self.insert_into(child, entry)?;
+        let left_summary = self.summary(child);
+        let right_summary = self.summary(split);
+        let BNode::Inner(cs) = &mut self.nodes[id as usize] else {
+            unreachable!()
+        };
+        cs[child_at] = left_summary;
+        cs.insert(child_at + 1, right_summary);
+        if cs.len() <= B_MAX {
+            return None;
+        }
+        let right = cs.split_off(cs.len() / 2);
+        Some(self.alloc(BNode::Inner(right)))
+    }
+
+    /// Removes from the subtree `id` the first entry, in key order, with these bounds that
+    /// `is_target` accepts.
+    fn remove_from(
+        &mut self,
+        id: u32,
+        start: u64,
+        last: u64,
+        is_target: &mut dyn FnMut(&V) -> bool,
+    ) -> Option<V> {
+        let children = match &mut self.nodes[id as usize] {
+            BNode::Leaf(es) => {
+                let mut found = None;
+                for (j, e) in es.iter().enumerate() {
+                    if e.start > start {
+                        break;
+                    }
+                    if e.start == start && e.last == last && is_target(&e.value) {
+                        found = Some(j);
+                        break;
+                    }
+                }
+                return found.map(|j| es.remove(j).value);
+            }
+            BNode::Inner(cs) => cs.len(),
+            BNode::Free { .. } => unreachable!("a free slot is linked into the tree"),
+        };
+        for i in 0..children {
+            let (c, next_start) = match &self.nodes[id as usize] {
+                BNode::Inner(cs) => (cs[i], cs.get(i + 1).map(|n| n.start)),
+                _ => unreachable!(),
+            };
+            if c.start > start {
+                break;
+            }
+            // Child `i` holds only keys below its right neighbour's smallest one.
+            if next_start.is_some_and(|n| n < start) || c.max_last < last {
+                continue;
+            }
+            if let Some(value) = self.remove_from(c.node, start, last, is_target) {
+                self.refill(id, i);
+                return Some(value);
+            }
+        }
+        None
+    }
+
+    fn items(&self, id: u32) -> usize {
+        match &self.nodes[id as usize] {
+            BNode::Leaf(es) => es.len(),
+            BNode::Inner(cs) => cs.len(),
+            BNode::Free { .. } => unreachable!("a free slot is linked into the tree"),
+        }
+    }
+
+    /// After a removal below child `i` of `parent`: refreshes its summary and, if it fell below
+    /// [`B_MIN`], merges it with a sibling or evens the two out.
+    fn refill(&mut self, parent: u32, i: usize) {
+        let (n, child) = match &self.nodes[parent as usize] {
+            BNode::Inner(cs) => (cs.len(), cs[i].node),
+            _ => unreachable!(),
+        };
+        if self.items(child) >= B_MIN || n == 1 {
+            let s = self.summary(child);
+            if let BNode::Inner(cs) = &mut self.nodes[parent as usize] {
+                cs[i] = s;
+            }
+            return;
+        }
+        let (li, ri) = if i > 0 { (i - 1, i) } else { (0, 1) };
+        let (left, right) = match &self.nodes[parent as usize] {
+            BNode::Inner(cs) => (cs[li].node, cs[ri].node),
+            _ => unreachable!(),
+        };
+        let total = self.items(left) + self.items(right);
+        let right_node =
+            std::mem::replace(&mut self.nodes[right as usize], BNode::Free { next: NIL });
+        let merged = match (&mut self.nodes[left as usize], right_node) {
+            (BNode::Leaf(l), BNode::Leaf(mut r)) => {
+                l.append(&mut r);
+                if total <= B_MAX {
+                    None
+                } else {
+                    Some(BNode::Leaf(l.split_off(total / 2)))
+                }
+            }
+            (BNode::Inner(l), BNode::Inner(mut r)) => {
+                l.append(&mut r);
+                if total <= B_MAX {
+                    None
+                } else {
+                    Some(BNode::Inner(l.split_off(total / 2)))
+                }
+            }
+            _ => unreachable!("siblings are at the same depth"),
+        };
+        let left_summary = self.summary(left);
+        match merged {
+            Some(node) => {
+                self.nodes[right as usize] = node;
+                let right_summary = self.summary(right);
+                if let BNode::Inner(cs) = &mut self.nodes[parent as usize] {
+                    cs[li] = left_summary;
+                    cs[ri] = right_summary;
+                }
+            }
+            None => {
+                // The slot already holds a placeholder: put it on the free list.
+                self.release(right);
+                if let BNode::Inner(cs) = &mut self.nodes[parent as usize] {
+                    cs[li] = left_summary;
+                    cs.remove(ri);
+                }
+            }
+        }
+    }
+
+    fn visit(&self, id: u32, start: u64, last: u64, visit: &mut dyn FnMut(&V)) {
+        match &self.nodes[id as usize] {
+            BNode::Leaf(es) => {
+                for e in es {
+                    if e.start > last {
+                        break;
+                    }
+                    if e.last >= start {
+                        visit(&e.value);
+                    }
+                }
+            }
+            BNode::Inner(cs) => {
+                for c in cs {
+                    if c.start > last {
+                        break;
+                    }
+                    if c.max_last >= start {
+                        self.visit(c.node, start, last, visit);
+                    }
+                }
+            }
+            BNode::Free { .. } => unreachable!("a free slot is linked into the tree"),
+        }
+    }
+}
+
+impl<V: Send> IntervalIndex<V> for BTreeIndex<V> {
+    fn insert(&mut self, start: u64, last: u64, value: V) {
+        debug_assert!(start <= last);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let entry = BEntry {
+            start,
+            last,
+            seq,
+            value,
+        };
+        self.len += 1;
+        if self.root == NIL {
+            let mut leaf = Vec::with_capacity(B_MAX + 1);
+            leaf.push(entry);
+            self.root = self.alloc(BNode::Leaf(leaf));
+            return;
+        }
+        if let Some(right) = self.insert_into(self.root, entry) {
+            let mut children = Vec::with_capacity(B_MAX + 1);
+            children.push(self.summary(self.root));
+            children.push(self.summary(right));
+            self.root = self.alloc(BNode::Inner(children));
+        }
+    }
+
+    fn remove(
+        &mut self,
+        start: u64,
+        last: u64,
+        is_target: &mut dyn FnMut(&V) -> bool,
+    ) -> Option<V> {
+        if self.root == NIL {
+            return None;
+        }
+        let value = self.remove_from(self.root, start, last, is_target)?;
+        self.len -= 1;
+        match &self.nodes[self.root as usize] {
+            BNode::Inner(cs) if cs.len() == 1 => {
+                let only = cs[0].node;
+                self.release(self.root);
+                self.root = only;
+            }
+            BNode::Leaf(es) if es.is_empty() => {
+                self.release(self.root);
+                self.root = NIL;
+            }
+            _ => {}
+        }
+        Some(value)
+    }
+
+    fn for_each_overlap(&self, start: u64, last: u64, visit: &mut dyn FnMut(&V)) {
+        if self.root != NIL {
+            self.visit(self.root, start, last, visit);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
     }
 }

@@ -158,11 +158,17 @@ impl Membership {
 ///
 /// * `seq` is always odd (it only ever holds a past or current epoch value, or the value
 ///   "just before" the sequence at insertion, which is odd because the sequence was even).
+/// * `closed_tag` is 0 or the value of an epoch that has closed (or `S_insert - 1`), stored
+///   with Release by a thread that had seen the close with Acquire.
 /// * `membership` changes only under the owning [`Itree`]'s lock.
 pub(crate) struct IntervalNode {
     pub(crate) id: IntervalId,
     pub(crate) range: Range,
     pub(crate) seq: AtomicU64,
+    /// A tag whose epoch is known to be closed: a `read_begin` that finds `seq` equal to it
+    /// needs to read nothing outside this node (see `interval/seq.rs`, "read_begin without the
+    /// lock"). Starts at 0, which is never a tag (tags are odd).
+    pub(crate) closed_tag: AtomicU64,
     membership: AtomicU8,
     pub(crate) itree: Arc<Itree>,
 }
@@ -184,6 +190,7 @@ impl IntervalNode {
             id,
             range,
             seq: AtomicU64::new(1),
+            closed_tag: AtomicU64::new(0),
             membership: AtomicU8::new(Membership::Removed as u8),
             itree,
         }

@@ -541,3 +541,185 @@ fn loom_concurrent_first_inserts_never_commit_stale() {
         }
     });
 }
+
+/// Checks the end of a fault-versus-invalidation model: a valid mirror holds the final primary
+/// version, and the protocol is idle again. Returns the outcome to record.
+fn check_mirror(mm: &Mm, sub: &MirrorSub, primary: &AtomicUsize, what: &str) -> &'static str {
+    let mirror = sub.mirror.lock().unwrap();
+    if mirror.valid {
+        assert_eq!(
+            mirror.version,
+            primary.load(SeqCst),
+            "{what}: a stale primary version was committed"
+        );
+    }
+    let state = mm.interval_state();
+    assert_eq!(
+        (state.seq % 2, state.active),
+        (0, 0),
+        "I26: idle again (an epoch left open would also hang read_begin)"
+    );
+    if mirror.valid {
+        "mirror valid"
+    } else {
+        "mirror invalidated"
+    }
+}
+
+/// Issue 11 item 5, I29/I30 for the lock-free `read_begin` (two Acquire loads, `s_i` then `S`;
+/// the lock only when they are equal). The interval carries the tag of a closed epoch
+/// (`s_i = 3`, `S = 4`) when an invalidation that changes the primary races with a fault:
+/// the fault's `read_begin` may run before the epoch opens, after it opened but before it
+/// tagged the interval, after the tag (it must then wait for the close) or after the close
+/// (it must then see the new primary). A commit never survives the invalidation.
+///
+/// Shown to fail (loom reports the stale commit) against three broken copies of
+/// `Itree::read_begin`, each run once: loading `S` before `s_i` (a fresh tag paired with a
+/// stale, even S); loading `s_i` with `Relaxed` (no happens-before to the epoch's `S` store);
+/// loading `S` with `Relaxed` (a close seen without the primary change it follows).
+#[test]
+fn loom_lockfree_read_begin_never_commits_stale() {
+    let seen = Seen::new();
+    let record = seen.clone();
+    model(move || {
+        let mm = Mm::new();
+        let sub = MirrorSub::new(false);
+        let handle = insert(&mm, &sub);
+        mm.invalidate_start(range(0x1000, 0x2000), Event::Unmap)
+            .unwrap()
+            .end();
+        assert_eq!(
+            handle.read_begin().unwrap().value(),
+            3,
+            "s_i from a closed epoch"
+        );
+        let primary = Arc::new(AtomicUsize::new(0));
+
+        let invalidator = {
+            let mm = mm.clone();
+            let primary = primary.clone();
+            thread::spawn(move || {
+                let guard = mm
+                    .invalidate_start(range(0x1000, 0x2000), Event::Unmap)
+                    .unwrap();
+                primary.fetch_add(1, SeqCst);
+                guard.end();
+            })
+        };
+
+        fault(&handle, &sub, &primary);
+        invalidator.join().unwrap();
+
+        assert_eq!(sub.calls(), 2, "I23: one invalidate per overlapping range");
+        record.record(check_mirror(&mm, &sub, &primary, "I30"));
+    });
+    seen.assert_all(&["mirror valid", "mirror invalidated"]);
+}
+
+/// Issue 11 item 5, I28 for the begin that skips the interval lock. An interval exists in
+/// occupancy bucket 0 (so invalidations count themselves); thread W invalidates a range in
+/// bucket 1 (`[1 GiB, 1 GiB + 4 KiB)`) and changes the primary inside it, while the main
+/// thread inserts an interval over that very range and faults it in. When W's begin found
+/// bucket 1 empty it skipped the lock and never calls the new interval; the insert must then
+/// see W in flight and make the interval's first `read_begin` wait for W's end, and W's end,
+/// which takes no lock unless it closes an epoch, must close the epoch the insert opened
+/// (else `read_begin` sleeps forever and loom reports the deadlock).
+///
+/// Shown to fail against four broken copies of `Itree`, each run once: an insert that ignores
+/// `A` (stale commit); an insert without the fence before its load of `A` (stale commit); a
+/// begin without the `SeqCst` order between its increment and its filter load (stale commit);
+/// an insert that does not close the epoch it opened after seeing every range end (loom
+/// reports the deadlock of the `read_begin` that sleeps forever).
+#[test]
+fn loom_skipped_begin_never_misses_a_concurrent_insert() {
+    let seen = Seen::new();
+    let record = seen.clone();
+    model(move || {
+        let mm = Mm::new();
+        let existing = MirrorSub::new(false);
+        let _existing = insert(&mm, &existing);
+        let far = range(1 << 30, (1 << 30) + 0x1000);
+        let primary = Arc::new(AtomicUsize::new(0));
+
+        let invalidator = {
+            let mm = mm.clone();
+            let primary = primary.clone();
+            thread::spawn(move || {
+                let guard = mm.invalidate_start(far, Event::Unmap).unwrap();
+                primary.fetch_add(1, SeqCst);
+                guard.end();
+            })
+        };
+
+        let fresh = MirrorSub::new(false);
+        let handle = mm.insert_interval(far, fresh.clone()).unwrap();
+        fault(&handle, &fresh, &primary);
+        invalidator.join().unwrap();
+
+        assert_eq!(existing.calls(), 0, "the far range never overlaps it");
+        record.record(if fresh.calls() == 0 {
+            "window skipped the new interval"
+        } else {
+            "window called the new interval"
+        });
+        record.record(check_mirror(&mm, &fresh, &primary, "I28"));
+    });
+    seen.assert_all(&[
+        "window skipped the new interval",
+        "window called the new interval",
+        "mirror valid",
+    ]);
+}
+
+/// Issue 11 item 5, I29/I30 for the node's `closed_tag` (a tag whose epoch a `read_begin` saw
+/// closed, so that the next `read_begin` of the same tag reads nothing outside the node).
+/// Thread W runs an invalidation of the interval that changes the primary; thread R calls
+/// `read_begin` (it may see the epoch closed and record the tag); the main thread faults the
+/// interval in concurrently, so its `read_begin` may return through R's record without ever
+/// loading S. A commit never survives W's change: R's Release hands the close on.
+///
+/// Shown to fail (stale commit) against a broken copy of `Itree::read_begin` that stores and
+/// loads `closed_tag` with `Relaxed`, run once.
+#[test]
+fn loom_closed_tag_hands_on_the_close() {
+    let seen = Seen::new();
+    let record = seen.clone();
+    model(move || {
+        let mm = Mm::new();
+        let sub = MirrorSub::new(false);
+        let handle = insert(&mm, &sub);
+        let primary = Arc::new(AtomicUsize::new(0));
+
+        let invalidator = {
+            let mm = mm.clone();
+            let primary = primary.clone();
+            thread::spawn(move || {
+                let guard = mm
+                    .invalidate_start(range(0x1000, 0x2000), Event::Unmap)
+                    .unwrap();
+                primary.fetch_add(1, SeqCst);
+                guard.end();
+            })
+        };
+        let other_reader = {
+            let handle = handle.clone();
+            thread::spawn(move || {
+                let _ = handle.read_begin().unwrap();
+            })
+        };
+
+        let seq = handle.read_begin().unwrap();
+        let version = primary.load(SeqCst);
+        {
+            let mut mirror = sub.mirror.lock().unwrap();
+            if !handle.read_retry(seq) {
+                mirror.valid = true;
+                mirror.version = version;
+            }
+        }
+        invalidator.join().unwrap();
+        other_reader.join().unwrap();
+        record.record(check_mirror(&mm, &sub, &primary, "I30"));
+    });
+    seen.assert_all(&["mirror valid", "mirror invalidated"]);
+}
