@@ -13,6 +13,7 @@
 //! * [`measure`]: a small timing harness (low percentile of short batches; threads started on a barrier)
 //!   and background invalidation streams for the contended figures;
 //! * [`alloc`]: a counting global allocator, to check that the fast paths allocate nothing;
+//! * [`rcache`]: the registration cache's figures next to a UCX-like cache;
 //! * [`suite`]: the whole short run behind `mmnotify bench`, returning figures, baselines,
 //!   ratios and the targets with met/missed.
 //!
@@ -26,4 +27,5 @@ pub mod alloc;
 pub mod baseline;
 pub mod fixtures;
 pub mod measure;
+pub mod rcache;
 pub mod suite;

@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod rcache_check;
 mod torture;
 mod trace;
 #[cfg(target_os = "linux")]
@@ -43,6 +44,8 @@ enum Command {
     /// events the watcher delivered, their latency, and whether a mirror stayed coherent.
     #[cfg(target_os = "linux")]
     Watch(watch::WatchArgs),
+    /// Print the registration cache's stale-address matrix on real memory (exit 1 on a stale hit).
+    RcacheCheck(rcache_check::RcacheCheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
         #[cfg(target_os = "linux")]
         Command::Watch(args) => watch::run(&args),
+        Command::RcacheCheck(args) => rcache_check::run(&args),
     };
     match result {
         Ok(code) => code,
