@@ -1,0 +1,122 @@
+/* Two threads: A loops get -> judge -> put on a buffer; B unmaps and re-maps the same address
+ * with new contents (munmap + MAP_FIXED_NOREPLACE, and MAP_FIXED over live memory). B keeps a
+ * sequence counter, odd while a remap is in progress. A get is judged when the counter was the
+ * same even value before the get and after the check: the last remap had returned before the
+ * get began, so the registration must record what is mapped now: the same page frames (where
+ * this process may read frame numbers: as root), and the same contents (for registrations
+ * whose contents did not change while `reg` recorded them; B writes new memory after mapping
+ * it, so a registration made in between legitimately saw it before the write). Zero stale
+ * hits; the counts show that the race happened. */
+#define _GNU_SOURCE
+#include <sys/mman.h>
+
+#include "registrar.h"
+
+#ifndef MAP_FIXED_NOREPLACE
+#define MAP_FIXED_NOREPLACE 0x100000
+#endif
+
+#define PAGES 2
+
+static atomic_ulong seq; /* odd: a remap is in progress */
+static struct registrar reg;
+static mmn_rcache_t cache;
+static char *base;
+static size_t len;
+static atomic_int stop;
+static long remaps;
+
+static void fill(uint64_t gen) {
+    for (size_t i = 0; i < PAGES; i++)
+        *(volatile uint64_t *)(base + i * (size_t)page_size()) = gen * 100 + i + 1;
+}
+
+static void *remapper(void *arg) {
+    (void)arg;
+    uint64_t gen = 1;
+    while (!atomic_load(&stop)) {
+        atomic_fetch_add(&seq, 1); /* odd */
+        void *q;
+        if (gen % 2) {
+            CHECK(munmap(base, len) == 0, "munmap");
+            q = mmap(base, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+        } else {
+            q = mmap(base, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+        }
+        CHECK(q == base, "re-map at the same address");
+        fill(++gen);
+        atomic_fetch_add(&seq, 1); /* even */
+        remaps++;
+        usleep((useconds_t)(rand() % 400));
+    }
+    return NULL;
+}
+
+int main(void) {
+    len = PAGES * (size_t)page_size();
+    OK(mmn_init(MMN_ABI_VERSION, NULL));
+    registrar_init(&reg);
+    reg.writer_seq = &seq;
+    cache = make_cache(&reg, 0);
+    printf("judging by %s\n", reg.pfns_visible ? "page frames and contents" : "contents only (frame numbers hidden)");
+    base = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    CHECK(base != MAP_FAILED, "mmap");
+    fill(1);
+    uint64_t a = (uint64_t)(uintptr_t)base;
+
+    pthread_t b;
+    pthread_create(&b, NULL, remapper, NULL);
+    long gets = 0, failed = 0, judged = 0, raced = 0, stale = 0, hits_judged = 0;
+    long last_reg = -1;
+    double end = now_s() + 1.5;
+    while (now_s() < end) {
+        unsigned long s0 = atomic_load(&seq);
+        mmn_region_t r;
+        mmn_region_info_t info;
+        int rc = mmn_rcache_get(cache, a, len, MMN_ACCESS_READ, &r, &info);
+        if (rc != 0) {
+            /* The memory was unmapped when the cache looked, or reg found it gone. */
+            CHECK(rc == MMN_ENOMEM || rc == MMN_ECALLBACK || rc == MMN_EAGAIN, "get: %d %s", rc, mmn_last_error());
+            failed++;
+            continue;
+        }
+        gets++;
+        const char *why = "";
+        int current = record_is_current(&reg, info.reg_handle, &why);
+        unsigned long s1 = atomic_load(&seq);
+        if (s0 == s1 && s0 % 2 == 0) {
+            judged++;
+            if ((long)info.reg_handle == last_reg) hits_judged++;
+            if (!current) {
+                stale++;
+                fprintf(stderr, "STALE hit: record %lu: %s\n", (unsigned long)info.reg_handle, why);
+            }
+        } else {
+            raced++;
+        }
+        last_reg = (long)info.reg_handle;
+        OK(mmn_rcache_put(r));
+    }
+    atomic_store(&stop, 1);
+    pthread_join(b, NULL);
+    mmn_rcache_stats_t st;
+    OK(mmn_rcache_stats(cache, &st));
+    printf("race: %ld remaps; %ld gets (%ld judged, %ld of them repeat registrations, %ld overlapped a remap), "
+           "%ld failed on unmapped memory, %ld STALE\n",
+           remaps, gets, judged, hits_judged, raced, failed, stale);
+    printf("cache: hits %lu misses %lu invalidations %lu collisions %lu registrations %lu deregistrations %lu\n",
+           (unsigned long)st.hits, (unsigned long)st.misses, (unsigned long)st.invalidations,
+           (unsigned long)st.collisions, (unsigned long)st.registrations, (unsigned long)st.deregistrations);
+    CHECK(stale == 0, "%ld stale hits", stale);
+    CHECK(remaps >= 20 && judged >= 100 && st.hits >= 100 && st.invalidations + st.collisions >= 10,
+          "the test must have raced: remaps %ld judged %ld hits %lu invalidations+collisions %lu", remaps, judged,
+          (unsigned long)st.hits, (unsigned long)(st.invalidations + st.collisions));
+    OK(mmn_rcache_destroy(cache));
+    CHECK(atomic_load(&reg.regs) == atomic_load(&reg.deregs) && atomic_load(&reg.double_deregs) == 0,
+          "every registration deregistered exactly once: %ld regs, %ld deregs, %ld double",
+          atomic_load(&reg.regs), atomic_load(&reg.deregs), atomic_load(&reg.double_deregs));
+    munmap(base, len);
+    OK(mmn_fini());
+    registrar_free(&reg);
+    return finish("rcache_race");
+}
