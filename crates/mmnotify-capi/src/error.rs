@@ -134,10 +134,10 @@ impl CError {
         }
     }
 
-    pub(crate) fn null(function: &str, argument: &str) -> Self {
+    pub(crate) fn null(argument: &str) -> Self {
         CError::new(
             Code::Null,
-            format!("{function}: the pointer argument `{argument}` is NULL"),
+            format!("the pointer argument `{argument}` is NULL"),
         )
     }
 
@@ -268,9 +268,9 @@ pub(crate) fn ffi(function: &'static str, body: impl FnOnce() -> Result<c_int, C
 }
 
 /// Checks a pointer argument for NULL.
-pub(crate) fn non_null<T>(p: *const T, function: &str, argument: &str) -> Result<(), CError> {
+pub(crate) fn non_null<T>(p: *const T, argument: &str) -> Result<(), CError> {
     if p.is_null() {
-        Err(CError::null(function, argument))
+        Err(CError::null(argument))
     } else {
         Ok(())
     }

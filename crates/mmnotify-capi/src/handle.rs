@@ -43,9 +43,9 @@ pub(crate) enum Kind {
 impl Kind {
     fn name(self) -> &'static str {
         match self {
-            Kind::Interval => "interval subscription",
-            Kind::Cache => "registration cache",
-            Kind::Region => "cache region",
+            Kind::Interval => "an interval subscription",
+            Kind::Cache => "a registration cache",
+            Kind::Region => "a cache region",
         }
     }
 }
@@ -88,7 +88,7 @@ impl<T> Table<T> {
                 if inner.slots.len() >= u32::MAX as usize {
                     return Err(CError::new(
                         Code::NoSpace,
-                        format!("the table of {}s is full", self.kind.name()),
+                        format!("the table for {} is full", self.kind.name()),
                     ));
                 }
                 inner.slots.push(Slot {
@@ -115,7 +115,7 @@ impl<T> Table<T> {
             return Err(CError::new(
                 Code::BadHandle,
                 format!(
-                    "handle {handle:#x} is not a {} (it is: {what})",
+                    "handle {handle:#x} is not {} (it is: {what})",
                     self.kind.name()
                 ),
             ));
@@ -130,7 +130,7 @@ impl<T> Table<T> {
         CError::new(
             Code::BadHandle,
             format!(
-                "handle {handle:#x} does not name a live {} (already released, or never issued)",
+                "handle {handle:#x} does not name {} that is alive (already released, or never issued)",
                 self.kind.name()
             ),
         )

@@ -36,7 +36,7 @@ use mmnotify_uffd::{WatchSeq, WatchedInterval, Watcher};
 
 use crate::error::{ffi, non_null, CError, Code, MMN_EAGAIN};
 use crate::handle::{Kind, Table};
-use crate::process::{in_callback, watcher};
+use crate::process::{in_callback, inside_callback, watcher};
 
 /// The memory was unmapped (munmap, mremap away, MAP_FIXED over, brk shrink, shmdt,
 /// ftruncate).
@@ -230,8 +230,8 @@ pub extern "C" fn mmn_subscribe(
     out: *mut mmn_interval_t,
 ) -> c_int {
     ffi("mmn_subscribe", || {
-        non_null(out, "mmn_subscribe", "out")?;
-        let callback = callback.ok_or_else(|| CError::null("mmn_subscribe", "callback"))?;
+        non_null(out, "out")?;
+        let callback = callback.ok_or_else(|| CError::null("callback"))?;
         if flags & !MMN_SUBSCRIBE_NO_WATCH != 0 {
             return Err(CError::invalid(format!(
                 "unknown flags {flags:#x} (only MMN_SUBSCRIBE_NO_WATCH = 1 is defined)"
@@ -331,8 +331,17 @@ fn begin(
     timeout: Option<Duration>,
 ) -> c_int {
     ffi(function, || {
-        non_null(out, function, "out")?;
+        non_null(out, "out")?;
         let sub = TABLE.get(interval.bits)?;
+        if inside_callback() {
+            return Err(CError::new(
+                Code::Deadlock,
+                format!(
+                    "called from a callback of this library, where it would wait for the                      invalidation that runs the callback (interval {:#x})",
+                    interval.bits
+                ),
+            ));
+        }
         let seq = match timeout {
             Some(t) => sub.interval.read_begin_timeout(t),
             None => sub.interval.read_begin(),
@@ -387,7 +396,7 @@ pub extern "C" fn mmn_read_begin_timeout(
 #[no_mangle]
 pub extern "C" fn mmn_read_retry(interval: mmn_interval_t, seq: *const mmn_seq_t) -> c_int {
     ffi("mmn_read_retry", || {
-        non_null(seq, "mmn_read_retry", "seq")?;
+        non_null(seq, "seq")?;
         // SAFETY: non-NULL; the caller promises an initialised mmn_seq_t.
         let seq = unsafe { seq.read() };
         if seq.interval != interval {
@@ -409,7 +418,7 @@ pub extern "C" fn mmn_interval_stats(
     out: *mut mmn_interval_stats_t,
 ) -> c_int {
     ffi("mmn_interval_stats", || {
-        non_null(out, "mmn_interval_stats", "out")?;
+        non_null(out, "out")?;
         let sub = TABLE.get(interval.bits)?;
         let t = &sub.trampoline;
         // SAFETY: non-NULL; writable by the header's contract.
@@ -435,8 +444,8 @@ pub extern "C" fn mmn_interval_range(
     end: *mut u64,
 ) -> c_int {
     ffi("mmn_interval_range", || {
-        non_null(start, "mmn_interval_range", "start")?;
-        non_null(end, "mmn_interval_range", "end")?;
+        non_null(start, "start")?;
+        non_null(end, "end")?;
         let r = TABLE.get(interval.bits)?.interval.range();
         // SAFETY: both non-NULL; writable by the header's contract.
         unsafe {

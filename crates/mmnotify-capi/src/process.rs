@@ -259,7 +259,7 @@ pub extern "C" fn mmn_fini() -> c_int {
 #[no_mangle]
 pub extern "C" fn mmn_features(out: *mut mmn_features_t) -> c_int {
     ffi("mmn_features", || {
-        non_null(out, "mmn_features", "out")?;
+        non_null(out, "out")?;
         let f = watcher()?.features();
         // SAFETY: non-NULL; the caller promises it points to writable storage for the struct.
         unsafe {
@@ -340,7 +340,7 @@ pub extern "C" fn mmn_mremap(
     out: *mut *mut c_void,
 ) -> c_int {
     ffi("mmn_mremap", || {
-        non_null(out, "mmn_mremap", "out")?;
+        non_null(out, "out")?;
         let w = watcher()?;
         // SAFETY: mremap's contract is the caller's.
         let p = unsafe { w.mremap(old, old_len, new_len, flags, new_addr) }?;

@@ -290,16 +290,16 @@ pub extern "C" fn mmn_rcache_create(
     out: *mut mmn_rcache_t,
 ) -> c_int {
     ffi("mmn_rcache_create", || {
-        non_null(params, "mmn_rcache_create", "params")?;
-        non_null(out, "mmn_rcache_create", "out")?;
+        non_null(params, "params")?;
+        non_null(out, "out")?;
         // SAFETY: non-NULL; the caller promises an initialised mmn_rcache_params_t.
         let p = unsafe { params.read() };
         let reg = p
             .reg
-            .ok_or_else(|| CError::null("mmn_rcache_create", "params->reg"))?;
+            .ok_or_else(|| CError::null("params->reg"))?;
         let dereg = p
             .dereg
-            .ok_or_else(|| CError::null("mmn_rcache_create", "params->dereg"))?;
+            .ok_or_else(|| CError::null("params->dereg"))?;
         if p.flags & !MMN_RCACHE_NO_MERGE != 0 {
             return Err(CError::invalid(format!(
                 "unknown flags {:#x} (only MMN_RCACHE_NO_MERGE = 1 is defined)",
@@ -414,7 +414,7 @@ pub extern "C" fn mmn_rcache_get(
     info: *mut mmn_region_info_t,
 ) -> c_int {
     ffi("mmn_rcache_get", || {
-        non_null(out, "mmn_rcache_get", "out")?;
+        non_null(out, "out")?;
         let access = access_from(access)?;
         let c = CACHES.get(cache.bits)?;
         let guard = c.cache.get(addr, len, access)?;
@@ -491,7 +491,7 @@ pub extern "C" fn mmn_rcache_put(region: mmn_region_t) -> c_int {
 #[no_mangle]
 pub extern "C" fn mmn_region_info(region: mmn_region_t, info: *mut mmn_region_info_t) -> c_int {
     ffi("mmn_region_info", || {
-        non_null(info, "mmn_region_info", "info")?;
+        non_null(info, "info")?;
         let entry = REGIONS.get(region.bits)?;
         // SAFETY: non-NULL; writable by the header's contract.
         unsafe { info.write(entry.info) };
@@ -537,7 +537,7 @@ pub extern "C" fn mmn_rcache_purge(cache: mmn_rcache_t) -> c_int {
 #[no_mangle]
 pub extern "C" fn mmn_rcache_stats(cache: mmn_rcache_t, out: *mut mmn_rcache_stats_t) -> c_int {
     ffi("mmn_rcache_stats", || {
-        non_null(out, "mmn_rcache_stats", "out")?;
+        non_null(out, "out")?;
         let c = CACHES.get(cache.bits)?;
         let s = c.cache.stats();
         // SAFETY: non-NULL; writable by the header's contract.
