@@ -235,7 +235,12 @@ thread_local! {
 pub(crate) fn record(e: CError) -> c_int {
     let code = e.code.value();
     // A message with an interior NUL (from a path, say) is cut there rather than lost.
-    let bytes: Vec<u8> = e.message.into_bytes().into_iter().take_while(|b| *b != 0).collect();
+    let bytes: Vec<u8> = e
+        .message
+        .into_bytes()
+        .into_iter()
+        .take_while(|b| *b != 0)
+        .collect();
     let message = CString::new(bytes).unwrap_or_default();
     let _ = LAST.try_with(|l| *l.borrow_mut() = (code, message));
     code

@@ -406,7 +406,9 @@ pub extern "C" fn mmn_read_retry(interval: mmn_interval_t, seq: *const mmn_seq_t
             )));
         }
         let sub = TABLE.get(interval.bits)?;
-        Ok(c_int::from(sub.interval.read_retry(words_to_seq(seq.words))))
+        Ok(c_int::from(
+            sub.interval.read_retry(words_to_seq(seq.words)),
+        ))
     })
 }
 
@@ -427,8 +429,7 @@ pub extern "C" fn mmn_interval_stats(
                 invalidations: t.invalidations.load(Ordering::Relaxed),
                 refusals: t.refusals.load(Ordering::Relaxed),
                 callback_errors: t.callback_errors.load(Ordering::Relaxed),
-                last_callback_error: t.last_callback_error.load(Ordering::Relaxed) as u32
-                    as c_int,
+                last_callback_error: t.last_callback_error.load(Ordering::Relaxed) as u32 as c_int,
             })
         };
         Ok(0)
@@ -455,4 +456,3 @@ pub extern "C" fn mmn_interval_range(
         Ok(0)
     })
 }
-

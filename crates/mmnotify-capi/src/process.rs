@@ -115,8 +115,7 @@ pub(crate) fn watcher() -> Result<Watcher, CError> {
 }
 
 fn options_from(o: &mmn_init_options_t) -> Result<WatcherOptions, CError> {
-    let mut options = WatcherOptions::default();
-    options.fork_events = match o.fork_events {
+    let fork_events = match o.fork_events {
         MMN_FORK_EVENTS_OFF => ForkEvents::Off,
         MMN_FORK_EVENTS_IF_PERMITTED => ForkEvents::IfPermitted,
         MMN_FORK_EVENTS_REQUIRED => ForkEvents::Required,
@@ -126,6 +125,10 @@ fn options_from(o: &mmn_init_options_t) -> Result<WatcherOptions, CError> {
                  MMN_FORK_EVENTS_IF_PERMITTED (1), MMN_FORK_EVENTS_REQUIRED (2)"
             )))
         }
+    };
+    let mut options = WatcherOptions {
+        fork_events,
+        ..WatcherOptions::default()
     };
     if o.queue_capacity != 0 {
         options.queue_capacity = o.queue_capacity as usize;

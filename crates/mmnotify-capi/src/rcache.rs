@@ -106,9 +106,8 @@ pub type mmn_reg_fn = Option<
 /// any other value is counted in `mmn_rcache_stats_t::dereg_errors` (the registration counts
 /// as released). No lock of the cache is held: it may block and free memory.
 #[allow(non_camel_case_types)]
-pub type mmn_dereg_fn = Option<
-    unsafe extern "C" fn(ctx: *mut c_void, start: u64, len: u64, reg_handle: u64) -> c_int,
->;
+pub type mmn_dereg_fn =
+    Option<unsafe extern "C" fn(ctx: *mut c_void, start: u64, len: u64, reg_handle: u64) -> c_int>;
 
 /// The memory behind a region changed (unmapped, madvised, remapped...): the registration
 /// names pages no longer mapped at its address. The region is never handed out again; it
@@ -212,7 +211,7 @@ struct CReg {
 }
 
 fn access_bits(a: Access) -> u32 {
-    u32::from(a.read()) * MMN_ACCESS_READ | u32::from(a.write()) * MMN_ACCESS_WRITE
+    (u32::from(a.read()) * MMN_ACCESS_READ) | (u32::from(a.write()) * MMN_ACCESS_WRITE)
 }
 
 impl Registrar for CRegistrar {
@@ -294,12 +293,8 @@ pub extern "C" fn mmn_rcache_create(
         non_null(out, "out")?;
         // SAFETY: non-NULL; the caller promises an initialised mmn_rcache_params_t.
         let p = unsafe { params.read() };
-        let reg = p
-            .reg
-            .ok_or_else(|| CError::null("params->reg"))?;
-        let dereg = p
-            .dereg
-            .ok_or_else(|| CError::null("params->dereg"))?;
+        let reg = p.reg.ok_or_else(|| CError::null("params->reg"))?;
+        let dereg = p.dereg.ok_or_else(|| CError::null("params->dereg"))?;
         if p.flags & !MMN_RCACHE_NO_MERGE != 0 {
             return Err(CError::invalid(format!(
                 "unknown flags {:#x} (only MMN_RCACHE_NO_MERGE = 1 is defined)",

@@ -60,7 +60,10 @@ fn installed_header_and_pkg_config_build_the_c_example() {
     );
     let cflags = pkg_config(&prefix, &["--cflags"]);
     let libs = pkg_config(&prefix, &["--libs"]);
-    assert!(cflags.contains(&*prefix.join("include").to_string_lossy()), "{cflags}");
+    assert!(
+        cflags.contains(&*prefix.join("include").to_string_lossy()),
+        "{cflags}"
+    );
     assert!(libs.contains("-lmmnotify"), "{libs}");
 
     // The example, from the installed files alone: no -I or -L into the source tree.
@@ -87,7 +90,10 @@ fn installed_header_and_pkg_config_build_the_c_example() {
     assert!(stdout.contains("hits 1 misses 2"), "{stdout}");
 
     // It runs against the installed library, not the build tree's.
-    let ldd = Command::new("ldd").arg(&exe).env("LD_LIBRARY_PATH", prefix.join("lib")).output();
+    let ldd = Command::new("ldd")
+        .arg(&exe)
+        .env("LD_LIBRARY_PATH", prefix.join("lib"))
+        .output();
     if let Ok(ldd) = ldd {
         let text = String::from_utf8_lossy(&ldd.stdout);
         assert!(

@@ -104,7 +104,9 @@ fn build(profile_dir: &Path) -> Result<(), String> {
     if status.success() {
         Ok(())
     } else {
-        Err(format!("{cargo} build -p mmnotify-capi --lib failed ({status})"))
+        Err(format!(
+            "{cargo} build -p mmnotify-capi --lib failed ({status})"
+        ))
     }
 }
 

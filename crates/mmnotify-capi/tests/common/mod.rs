@@ -49,7 +49,10 @@ pub(crate) fn library_dir() -> &'static Path {
             }
         }
         let status = cmd.status().expect("running cargo build for the C library");
-        assert!(status.success(), "cargo build -p mmnotify-capi --lib failed");
+        assert!(
+            status.success(),
+            "cargo build -p mmnotify-capi --lib failed"
+        );
         for lib in ["libmmnotify.so", "libmmnotify.a"] {
             assert!(
                 dir.join(lib).exists(),
@@ -141,7 +144,11 @@ pub(crate) fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
         .expect("spawning the C program");
     let deadline = Instant::now() + timeout;
     loop {
-        if child.try_wait().expect("waiting for the C program").is_some() {
+        if child
+            .try_wait()
+            .expect("waiting for the C program")
+            .is_some()
+        {
             return child.wait_with_output().expect("collecting output");
         }
         if Instant::now() >= deadline {
