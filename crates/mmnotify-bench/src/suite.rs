@@ -588,9 +588,6 @@ pub fn run(config: &Config, log: &mut dyn FnMut(&str)) -> Report {
     });
     drop(sf);
 
-    let (rcache_rows, rcache_targets) = crate::rcache::figures(&budget, log);
-    rows.extend(rcache_rows);
-
     let mut report = Report {
         quick: config.quick,
         machine: Machine {
@@ -604,7 +601,6 @@ pub fn run(config: &Config, log: &mut dyn FnMut(&str)) -> Report {
         elapsed: Duration::ZERO,
     };
     report.targets = targets(&report, sizes);
-    report.targets.extend(rcache_targets);
     report.elapsed = began.elapsed();
     report
 }

@@ -37,13 +37,15 @@ pub(crate) struct BenchArgs {
 /// A group of benchmarks.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Group {
-    /// Both groups.
+    /// Every group.
     All,
     /// The engine's fast paths against naive baselines.
     Engine,
     /// munmap / madvise / mremap on memory the userfaultfd watcher watches, against unwatched
     /// memory and a bare userfaultfd reader (Linux).
     Watch,
+    /// The registration cache against a UCX-like cache (Linux).
+    Rcache,
 }
 
 /// Runs the benchmarks, prints the table, writes the charts.
@@ -53,12 +55,53 @@ pub(crate) enum Group {
 /// A message if the output directory or a chart cannot be written.
 pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
     let config = Config { quick: args.quick };
-    if args.group != Group::Watch {
+    if matches!(args.group, Group::All | Group::Engine) {
         run_engine(args, &config)?;
     }
-    if args.group != Group::Engine {
+    if matches!(args.group, Group::All | Group::Watch) {
         run_watch(args, &config)?;
     }
+    #[cfg(target_os = "linux")]
+    if matches!(args.group, Group::All | Group::Rcache) {
+        run_rcache(args, &config)?;
+    }
+    Ok(())
+}
+
+/// The registration-cache group (`mmnotify_bench::rcache`): its table and `rcache.md`.
+#[cfg(target_os = "linux")]
+fn run_rcache(args: &BenchArgs, config: &Config) -> Result<(), String> {
+    let began = std::time::Instant::now();
+    let machine = Machine::current();
+    eprintln!(
+        "mmnotify bench{} (rcache group): each figure is timed next to a UCX-like cache in this process",
+        if args.quick { " --quick" } else { "" }
+    );
+    let (rows, targets) =
+        mmnotify_bench::rcache::figures(&config.budget(), &mut |step| eprintln!("  {step}"));
+    let report = Report {
+        quick: args.quick,
+        machine: Machine {
+            load_after: Machine::loadavg(),
+            ..machine
+        },
+        rows,
+        intervals: Vec::new(),
+        scaling: Vec::new(),
+        targets,
+        elapsed: began.elapsed(),
+    };
+    print!("{}", text_table(&report));
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
+    let path = args.out.join("rcache.md");
+    std::fs::write(&path, markdown(&report, "bench --group rcache"))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    println!(
+        "\nwrote {} ({:.1} s)",
+        path.display(),
+        report.elapsed.as_secs_f64()
+    );
     Ok(())
 }
 

@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+#[cfg(target_os = "linux")]
 mod rcache_check;
 mod torture;
 mod trace;
@@ -45,6 +46,7 @@ enum Command {
     #[cfg(target_os = "linux")]
     Watch(watch::WatchArgs),
     /// Print the registration cache's stale-address matrix on real memory (exit 1 on a stale hit).
+    #[cfg(target_os = "linux")]
     RcacheCheck(rcache_check::RcacheCheckArgs),
 }
 
@@ -56,6 +58,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
         #[cfg(target_os = "linux")]
         Command::Watch(args) => watch::run(&args),
+        #[cfg(target_os = "linux")]
         Command::RcacheCheck(args) => rcache_check::run(&args),
     };
     match result {

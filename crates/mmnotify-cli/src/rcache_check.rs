@@ -58,6 +58,33 @@ fn cell(r: &Result<Outcome, String>) -> (String, bool, bool) {
     }
 }
 
+#[derive(Debug, Default)]
+struct Totals {
+    hits: u64,
+    misses: u64,
+    invalidations: u64,
+    deferred: u64,
+    registrations: u64,
+    deregistrations: u64,
+    blind_uncached: u64,
+    validated: u64,
+    validation_failures: u64,
+}
+
+impl Totals {
+    fn add(&mut self, s: &mmnotify_rcache::Stats) {
+        self.hits += s.hits;
+        self.misses += s.misses;
+        self.invalidations += s.invalidations;
+        self.deferred += s.deferred_deregistrations;
+        self.registrations += s.registrations;
+        self.deregistrations += s.deregistrations;
+        self.blind_uncached += s.blind_uncached;
+        self.validated += s.blind_validated_hits;
+        self.validation_failures += s.blind_validation_failures;
+    }
+}
+
 /// Runs the matrix and prints it.
 pub(crate) fn run(args: &RcacheCheckArgs) -> Result<ExitCode, String> {
     let judges: &[Judge] = match args.registrar {
@@ -71,6 +98,7 @@ pub(crate) fn run(args: &RcacheCheckArgs) -> Result<ExitCode, String> {
         "content fingerprints (no CAP_SYS_ADMIN)"
     };
     let (mut stale, mut errors) = (0, 0);
+    let mut total = Totals::default();
     for judge in judges {
         match judge {
             Judge::Uring => println!(
@@ -96,6 +124,9 @@ pub(crate) fn run(args: &RcacheCheckArgs) -> Result<ExitCode, String> {
             print!("{label:<22}");
             for (mode, policy, _) in COLUMNS {
                 let r = check::run(path, mode, policy, *judge);
+                if let Ok(o) = &r {
+                    total.add(&o.stats);
+                }
                 let (text, is_stale, is_error) = cell(&r);
                 let text = if mode == Mode::Wrapper && !path.has_wrapper() {
                     format!("{text} (no wrapper)")
@@ -114,6 +145,20 @@ pub(crate) fn run(args: &RcacheCheckArgs) -> Result<ExitCode, String> {
         "* userfaultfd sends no event: the plain call is safe only because the cache recognises \
          such memory (SysV shm, shared file mappings) and does not cache it (or validates its \
          frames on every hit); the wrapper notifies."
+    );
+    println!(
+        "cache statistics over all cells: {} hits, {} misses, {} invalidations, {} deferred \
+         deregistrations, {} registrations, {} deregistrations, {} blind registered per use, \
+         {} frame-validated hits, {} frame validations failed",
+        total.hits,
+        total.misses,
+        total.invalidations,
+        total.deferred,
+        total.registrations,
+        total.deregistrations,
+        total.blind_uncached,
+        total.validated,
+        total.validation_failures
     );
     println!("stale hits: {stale}, cells that could not run: {errors}");
     Ok(if stale > 0 {

@@ -38,7 +38,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use crate::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use crate::sync::{BigReaderLock, BrReadGuard, BrWriteGuard, Mutex};
 
 use mmnotify::{IntervalCtx, SubscriberId};
 
@@ -215,7 +215,7 @@ pub(crate) struct Shared<R: Registrar> {
     registrar: R,
     source: EventSource,
     config: Config,
-    index: RwLock<Index<R::Handle>>,
+    index: BigReaderLock<Index<R::Handle>>,
     /// Invalidated unused regions awaiting deregistration (pushed under the index lock).
     garbage: Mutex<Vec<RegionRef<R>>>,
     garbage_hint: AtomicBool,
@@ -231,11 +231,11 @@ pub(crate) struct Shared<R: Registrar> {
 }
 
 impl<R: Registrar> Shared<R> {
-    fn read(&self) -> RwLockReadGuard<'_, Index<R::Handle>> {
+    fn read(&self) -> BrReadGuard<'_, Index<R::Handle>> {
         self.index.read()
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, Index<R::Handle>> {
+    fn write(&self) -> BrWriteGuard<'_, Index<R::Handle>> {
         self.index.write()
     }
 
@@ -406,7 +406,7 @@ impl<R: Registrar> Cache<R> {
                 registrar,
                 source,
                 config,
-                index: RwLock::new(Index {
+                index: BigReaderLock::new(Index {
                     map: BTreeMap::new(),
                     by_start: AddrMap::default(),
                     bytes: 0,

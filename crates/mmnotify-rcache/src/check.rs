@@ -33,7 +33,7 @@ use crate::range::{page_size, Access};
 use crate::registrar::Registrar;
 use crate::source::EventSource;
 use crate::uring::UringRegistrar;
-use crate::RegionGuard;
+use crate::{RegionGuard, Stats};
 
 /// Pages of memory each cell maps.
 const PAGES: usize = 4;
@@ -168,6 +168,8 @@ pub struct Outcome {
     pub changed: bool,
     /// Why the cell was skipped, if it was.
     pub skipped: Option<String>,
+    /// The cell's cache statistics at the end.
+    pub stats: Stats,
 }
 
 impl Outcome {
@@ -200,6 +202,7 @@ pub fn run(
         fresh: false,
         changed: false,
         skipped: None,
+        stats: Stats::default(),
     };
     match judge {
         Judge::Uring => {
@@ -288,6 +291,7 @@ fn scenario<R: Registrar>(
     out.fresh = seen == new_contents;
     out.changed = new_contents != old_contents;
     drop(g);
+    out.stats = cache.stats();
     Ok(())
 }
 

@@ -77,6 +77,12 @@ impl PageRange {
         self.len() / page_size()
     }
 
+    /// The same range as the engine's type.
+    pub fn engine(&self) -> mmnotify::Range {
+        // INVARIANT: start < end, so the engine accepts it; the fallback is never taken.
+        mmnotify::Range::new(self.start, self.end).unwrap_or(mmnotify::Range::ALL)
+    }
+
     /// Whether `other` lies within this range.
     pub const fn contains(&self, other: &PageRange) -> bool {
         self.start <= other.start && other.end <= self.end

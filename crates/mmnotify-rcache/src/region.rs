@@ -45,6 +45,10 @@ pub(crate) const REFS: u64 = (1 << 32) - 1;
 /// A holder's invalidation callback.
 pub(crate) type OnInvalidate = Box<dyn FnOnce(PageRange) + Send + 'static>;
 
+/// Aligned to two cache lines, so that the reference count and state words a hit writes
+/// never share a line with another region's (threads hitting different regions must not
+/// contend).
+#[repr(align(128))]
 pub(crate) struct Region<H> {
     pub(crate) id: u64,
     pub(crate) range: PageRange,

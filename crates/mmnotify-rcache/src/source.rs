@@ -98,14 +98,12 @@ impl EventSource {
         range: PageRange,
         subscriber: Arc<dyn IntervalSubscriber>,
     ) -> Result<SourceInterval> {
-        // A PageRange is never empty and never wraps, so this conversion cannot fail.
-        let range = mmnotify::Range::new(range.start(), range.end())?;
         Ok(match self {
             EventSource::Watcher(w) => {
-                SourceInterval::Watched(w.insert_interval(range, subscriber)?, w.clone())
+                SourceInterval::Watched(w.insert_interval(range.engine(), subscriber)?, w.clone())
             }
             EventSource::Mm(mm) => {
-                SourceInterval::Plain(mm.insert_interval(range, subscriber)?, mm.clone())
+                SourceInterval::Plain(mm.insert_interval(range.engine(), subscriber)?, mm.clone())
             }
         })
     }

@@ -18,7 +18,9 @@ struct Padded(AtomicU64);
 #[derive(Debug, Default)]
 pub(crate) struct Striped([Padded; STRIPES]);
 
-fn stripe() -> usize {
+/// The calling thread's stripe number (assigned round-robin at its first use).
+#[inline]
+pub(crate) fn stripe() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
         static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;

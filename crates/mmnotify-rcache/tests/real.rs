@@ -304,3 +304,31 @@ fn blind_memory_is_never_a_stale_hit_without_wrappers() {
         }
     });
 }
+
+#[test]
+fn a_shut_down_watcher_fails_closed_and_the_cache_still_releases_everything() {
+    let _serial = common::serial();
+    common::bounded(Duration::from_secs(30), || {
+        // A watcher of this test's own (the process-wide one is shut down and re-created).
+        let watcher = Watcher::get().unwrap();
+        let reg = Arc::new(UringRegistrar::new(4).unwrap());
+        let cache = Cache::new(
+            reg.clone(),
+            EventSource::Watcher(watcher.clone()),
+            Config::default(),
+        );
+        let a = anon(2);
+        drop(cache.get(a, ps(), Access::READ).unwrap());
+        drop(cache.get(a, ps(), Access::READ).unwrap());
+        assert_eq!(cache.stats().hits, 1);
+        watcher.shutdown();
+        // Nobody vouches for the registration any more: no hit, a typed error.
+        let e = cache.get(a, ps(), Access::READ).unwrap_err();
+        assert!(matches!(e, Error::Watcher(_)), "{e}");
+        let e = cache.get(a + ps(), ps(), Access::READ).unwrap_err();
+        assert!(matches!(e, Error::Watcher(_)), "{e}");
+        drop(cache);
+        assert_eq!(reg.books().live, 0);
+        unmap(a, 2);
+    });
+}
