@@ -76,6 +76,11 @@ struct Global {
 
 static GLOBAL: Mutex<Option<Global>> = Mutex::new(None);
 
+/// Serialises `mmn_init` and `mmn_fini` as a whole, including the watcher's creation and the
+/// release of the last reference (which joins the watcher's threads outside `GLOBAL`): an
+/// init racing with the last fini must not pick up the watcher that is shutting down.
+static LIFECYCLE: Mutex<()> = Mutex::new(());
+
 thread_local! {
     /// How deep this thread is inside callbacks this library invoked (interval callbacks,
     /// a cache's reg/dereg/invalidated callbacks).
@@ -173,6 +178,7 @@ pub extern "C" fn mmn_init(abi_version: u32, options: *const mmn_init_options_t)
                 "called from a callback of this library",
             ));
         }
+        let _lifecycle = LIFECYCLE.lock();
         let requested = if options.is_null() {
             None
         } else {
@@ -226,6 +232,7 @@ pub extern "C" fn mmn_fini() -> c_int {
                 "called from a callback of this library (releasing the watcher would wait for it)",
             ));
         }
+        let _lifecycle = LIFECYCLE.lock();
         let mut global = GLOBAL.lock();
         let Some(g) = global.as_mut() else {
             return Err(CError::new(

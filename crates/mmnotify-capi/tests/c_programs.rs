@@ -123,3 +123,8 @@ fn the_static_archive_links_a_c_program() {
     );
     assert!(!Path::new(&exe).with_extension("so").exists());
 }
+
+#[test]
+fn several_libraries_share_one_reference_counted_watcher() {
+    run_program("shared_init", Duration::from_secs(60));
+}
