@@ -164,7 +164,8 @@ typedef struct {
   // 1 if the callback may sleep (take a mutex, wait for a device); 0 if it must not,
   // in which case it may return `MMN_EAGAIN` to refuse.
   uint8_t may_block;
-  // The subscription being invalidated.
+  // The subscription being invalidated (all-zero for an invalidation that arrives before
+  // `mmn_subscribe` has returned the handle).
   mmn_interval_t interval;
 } mmn_invalidation_t;
 
@@ -522,8 +523,8 @@ int mmn_rcache_destroy(mmn_rcache_t cache);
 // covers. A hit after a call that unmapped, madvised or remapped the memory returned is
 // impossible.
 //
-// Threads: any, concurrently. From a `reg` / `dereg` callback of the same cache it may
-// deadlock: do not. Errors: `MMN_EFAULT` (NULL `out`), `MMN_EBADF`, `MMN_EINVAL` (zero
+// Threads: any, concurrently; not from a callback of this library (`MMN_EDEADLK`: it could
+// wait for the invalidation or registration that runs the callback). Errors: `MMN_EFAULT` (NULL `out`), `MMN_EBADF`, `MMN_EINVAL` (zero
 // length, wrapping, bad access), `MMN_ENOMEM` (not mapped), `MMN_ECALLBACK` (`reg` failed),
 // `MMN_ENOSPC` (limits), `MMN_EAGAIN` (the memory kept changing), and the fail-closed codes.
 int mmn_rcache_get(mmn_rcache_t cache,
@@ -536,7 +537,7 @@ int mmn_rcache_get(mmn_rcache_t cache,
 // Puts a region back (UCX's `ucs_rcache_region_put`): the handle goes stale. The last put of
 // an invalidated region deregisters it, calling `dereg` on this thread.
 //
-// Threads: any. Errors: `MMN_EBADF` (also for a second put of the same region).
+// Threads: any, callbacks included. Errors: `MMN_EBADF` (also for a second put of the same region).
 int mmn_rcache_put(mmn_region_t region);
 
 // Stores what a held region covers in `*info`. Threads: any. Errors: `MMN_EFAULT`,
@@ -549,11 +550,11 @@ int mmn_region_info(mmn_region_t region, mmn_region_info_t *info);
 int mmn_region_invalidated(mmn_region_t region);
 
 // Deregisters the regions invalidated while unused now (normally done by the next get).
-// Threads: any, not from a callback. Errors: `MMN_EBADF`.
+// Threads: any, not from a callback (`MMN_EDEADLK`). Errors: `MMN_EBADF`, `MMN_EDEADLK`.
 int mmn_rcache_flush(mmn_rcache_t cache);
 
 // Evicts every unused region (and flushes); returns how many were evicted.
-// Threads: any, not from a callback. Errors: `MMN_EBADF`.
+// Threads: any, not from a callback (`MMN_EDEADLK`). Errors: `MMN_EBADF`, `MMN_EDEADLK`.
 int mmn_rcache_purge(mmn_rcache_t cache);
 
 // Fills `*out` with the cache's counters. Threads: any. Errors: `MMN_EFAULT`, `MMN_EBADF`.

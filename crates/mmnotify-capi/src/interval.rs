@@ -80,7 +80,8 @@ pub struct mmn_invalidation_t {
     /// 1 if the callback may sleep (take a mutex, wait for a device); 0 if it must not,
     /// in which case it may return `MMN_EAGAIN` to refuse.
     pub may_block: u8,
-    /// The subscription being invalidated.
+    /// The subscription being invalidated (all-zero for an invalidation that arrives before
+    /// `mmn_subscribe` has returned the handle).
     pub interval: mmn_interval_t,
 }
 

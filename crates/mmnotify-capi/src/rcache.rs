@@ -270,6 +270,22 @@ struct CRegion {
     info: mmn_region_info_t,
 }
 
+/// Cache operations that may wait for an invalidation or a registration in progress are
+/// refused inside any callback of this library: from an interval callback or an `invalidated`
+/// callback they would wait for the invalidation that runs them, from `reg` / `dereg` for the
+/// miss or flush that runs them.
+fn refuse_in_callback(what: &str) -> Result<(), CError> {
+    if inside_callback() {
+        return Err(CError::new(
+            Code::Deadlock,
+            format!(
+                "{what} was called from a callback of this library, where it could wait for                  the very invalidation or registration that runs the callback"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 static CACHES: Table<CCache> = Table::new(Kind::Cache);
 static REGIONS: Table<CRegion> = Table::new(Kind::Region);
 
@@ -353,12 +369,7 @@ pub extern "C" fn mmn_rcache_create(
 #[no_mangle]
 pub extern "C" fn mmn_rcache_destroy(cache: mmn_rcache_t) -> c_int {
     ffi("mmn_rcache_destroy", || {
-        if inside_callback() {
-            return Err(CError::new(
-                Code::Deadlock,
-                "called from a callback of this library (the cache would wait for it)",
-            ));
-        }
+        refuse_in_callback("mmn_rcache_destroy")?;
         let c = CACHES.get(cache.bits)?;
         let held = c.held.load(Ordering::Acquire);
         if held > 0 {
@@ -395,8 +406,8 @@ fn access_from(bits: u32) -> Result<Access, CError> {
 /// covers. A hit after a call that unmapped, madvised or remapped the memory returned is
 /// impossible.
 ///
-/// Threads: any, concurrently. From a `reg` / `dereg` callback of the same cache it may
-/// deadlock: do not. Errors: `MMN_EFAULT` (NULL `out`), `MMN_EBADF`, `MMN_EINVAL` (zero
+/// Threads: any, concurrently; not from a callback of this library (`MMN_EDEADLK`: it could
+/// wait for the invalidation or registration that runs the callback). Errors: `MMN_EFAULT` (NULL `out`), `MMN_EBADF`, `MMN_EINVAL` (zero
 /// length, wrapping, bad access), `MMN_ENOMEM` (not mapped), `MMN_ECALLBACK` (`reg` failed),
 /// `MMN_ENOSPC` (limits), `MMN_EAGAIN` (the memory kept changing), and the fail-closed codes.
 #[no_mangle]
@@ -412,6 +423,7 @@ pub extern "C" fn mmn_rcache_get(
         non_null(out, "out")?;
         let access = access_from(access)?;
         let c = CACHES.get(cache.bits)?;
+        refuse_in_callback("mmn_rcache_get")?;
         let guard = c.cache.get(addr, len, access)?;
         let handle = guard.handle();
         let region_info = mmn_region_info_t {
@@ -471,7 +483,7 @@ fn put_entry(entry: &CRegion) {
 /// Puts a region back (UCX's `ucs_rcache_region_put`): the handle goes stale. The last put of
 /// an invalidated region deregisters it, calling `dereg` on this thread.
 ///
-/// Threads: any. Errors: `MMN_EBADF` (also for a second put of the same region).
+/// Threads: any, callbacks included. Errors: `MMN_EBADF` (also for a second put of the same region).
 #[no_mangle]
 pub extern "C" fn mmn_rcache_put(region: mmn_region_t) -> c_int {
     ffi("mmn_rcache_put", || {
@@ -509,21 +521,25 @@ pub extern "C" fn mmn_region_invalidated(region: mmn_region_t) -> c_int {
 }
 
 /// Deregisters the regions invalidated while unused now (normally done by the next get).
-/// Threads: any, not from a callback. Errors: `MMN_EBADF`.
+/// Threads: any, not from a callback (`MMN_EDEADLK`). Errors: `MMN_EBADF`, `MMN_EDEADLK`.
 #[no_mangle]
 pub extern "C" fn mmn_rcache_flush(cache: mmn_rcache_t) -> c_int {
     ffi("mmn_rcache_flush", || {
-        CACHES.get(cache.bits)?.cache.flush();
+        let c = CACHES.get(cache.bits)?;
+        refuse_in_callback("mmn_rcache_flush")?;
+        c.cache.flush();
         Ok(0)
     })
 }
 
 /// Evicts every unused region (and flushes); returns how many were evicted.
-/// Threads: any, not from a callback. Errors: `MMN_EBADF`.
+/// Threads: any, not from a callback (`MMN_EDEADLK`). Errors: `MMN_EBADF`, `MMN_EDEADLK`.
 #[no_mangle]
 pub extern "C" fn mmn_rcache_purge(cache: mmn_rcache_t) -> c_int {
     ffi("mmn_rcache_purge", || {
-        let n = CACHES.get(cache.bits)?.cache.purge();
+        let c = CACHES.get(cache.bits)?;
+        refuse_in_callback("mmn_rcache_purge")?;
+        let n = c.cache.purge();
         Ok(c_int::try_from(n).unwrap_or(c_int::MAX))
     })
 }

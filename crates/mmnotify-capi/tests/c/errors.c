@@ -114,7 +114,9 @@ static int noop_cb(void *ctx, const mmn_invalidation_t *inv) {
 }
 
 struct regctx {
-    int fail, madvise_inside;
+    int fail, madvise_inside, get_inside;
+    mmn_rcache_t self;
+    int inner_get_rc;
     int deregs;
 };
 static int reg_cb(void *ctx, uint64_t start, uint64_t len, uint32_t access, uint64_t *h) {
@@ -122,6 +124,10 @@ static int reg_cb(void *ctx, uint64_t start, uint64_t len, uint32_t access, uint
     struct regctx *r = ctx;
     if (r->fail) return -7;
     if (r->madvise_inside) OK(mmn_madvise((void *)(uintptr_t)start, len, MADV_DONTNEED));
+    if (r->get_inside) {
+        mmn_region_t inner;
+        r->inner_get_rc = mmn_rcache_get(r->self, start, len, MMN_ACCESS_READ, &inner, NULL);
+    }
     *h = start;
     return 0;
 }
@@ -289,6 +295,12 @@ int main(void) {
     EXPECT(mmn_rcache_destroy(c), MMN_EBUSY);
     OK(mmn_rcache_put(r1));
     EXPECT(mmn_rcache_put(r1), MMN_EBADF);
+    rc0.get_inside = 1;
+    rc0.self = c;
+    OK(mmn_rcache_get(c, A(b2), (uint64_t)ps, MMN_ACCESS_READ, &r2, NULL));
+    CHECK(rc0.inner_get_rc == MMN_EDEADLK, "get from the cache's own reg callback: %d", rc0.inner_get_rc);
+    OK(mmn_rcache_put(r2));
+    rc0.get_inside = 0;
     OK(mmn_rcache_destroy(c));
     EXPECT(mmn_rcache_flush(c), MMN_EBADF);
 
