@@ -109,6 +109,24 @@ int main(void) {
     one_path("munmap", 0);
     one_path("syscall(SYS_munmap)", 1);
     one_path("mmn_munmap (wrapper)", 2);
+
+    /* One handler over the whole address space (UCX's ucm_set_event_handler shape): subscribe
+     * without watching, then watch each buffer of interest. */
+    struct mirror all = {.lock = PTHREAD_MUTEX_INITIALIZER, .still_readable = -1};
+    mmn_interval_t global;
+    OK(mmn_subscribe(0, 1ULL << 47, on_invalidate, &all, MMN_SUBSCRIBE_NO_WATCH, &global));
+    unsigned char *b = map_pages(2);
+    uint64_t ba = (uint64_t)(uintptr_t)b, blen = 2 * (uint64_t)page_size();
+    CHECK(mmn_watch(ba, blen) >= 0, "watch");
+    CHECK(munmap(b, blen) == 0, "munmap");
+    mmn_seq_t gs;
+    OK(mmn_read_begin(global, &gs));
+    CHECK(atomic_load(&all.calls) >= 1 && all.start <= ba && all.end >= ba + blen,
+          "the global handler saw the unmap of a watched buffer (%d calls, [%#lx, %#lx))", atomic_load(&all.calls),
+          (unsigned long)all.start, (unsigned long)all.end);
+    printf("%-22s callback calls %d, last range [%#lx, %#lx)\n", "global handler", atomic_load(&all.calls),
+           (unsigned long)all.start, (unsigned long)all.end);
+    OK(mmn_unsubscribe(global));
     CHECK(mmn_fini() == 0, "the last fini returns 0 references");
     return finish("subscribe_munmap");
 }
