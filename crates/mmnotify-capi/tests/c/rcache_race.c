@@ -8,6 +8,7 @@
  * it, so a registration made in between legitimately saw it before the write). Zero stale
  * hits; the counts show that the race happened. */
 #define _GNU_SOURCE
+#include <fcntl.h>
 #include <sys/mman.h>
 
 #include "registrar.h"
@@ -25,6 +26,8 @@ static char *base;
 static size_t len;
 static atomic_int stop;
 static long remaps;
+static atomic_long a_gets; /* gets completed by the getting thread */
+static int control_fd = -1; /* control run: punch holes in this memfd instead of remapping */
 
 static void fill(uint64_t gen) {
     for (size_t i = 0; i < PAGES; i++)
@@ -36,8 +39,10 @@ static void *remapper(void *arg) {
     uint64_t gen = 1;
     while (!atomic_load(&stop)) {
         atomic_fetch_add(&seq, 1); /* odd */
-        void *q;
-        if (gen % 2) {
+        void *q = base;
+        if (control_fd >= 0) {
+            CHECK(fallocate(control_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, (off_t)len) == 0, "punch");
+        } else if (gen % 2) {
             CHECK(munmap(base, len) == 0, "munmap");
             q = mmap(base, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
         } else {
@@ -47,28 +52,33 @@ static void *remapper(void *arg) {
         fill(++gen);
         atomic_fetch_add(&seq, 1); /* even */
         remaps++;
-        usleep((useconds_t)(rand() % 400));
+        if (rand() % 2) {
+            /* Let the getter finish a couple of gets on this mapping (whatever its speed, e.g.
+             * under a sanitizer), so that judged windows exist; the other half races freely. */
+            long g0 = atomic_load(&a_gets);
+            double until = now_s() + 0.05;
+            while (atomic_load(&a_gets) < g0 + 2 && now_s() < until) usleep(20);
+        } else {
+            usleep((useconds_t)(rand() % 400));
+        }
     }
     return NULL;
 }
 
-int main(void) {
-    len = PAGES * (size_t)page_size();
-    OK(mmn_init(MMN_ABI_VERSION, NULL));
-    registrar_init(&reg);
-    reg.writer_seq = &seq;
-    cache = make_cache(&reg, 0);
-    printf("judging by %s\n", reg.pfns_visible ? "page frames and contents" : "contents only (frame numbers hidden)");
-    base = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    CHECK(base != MAP_FAILED, "mmap");
-    fill(1);
-    uint64_t a = (uint64_t)(uintptr_t)base;
+struct outcome {
+    long stale, judged;
+    mmn_rcache_stats_t st;
+};
 
+static struct outcome run(double seconds) {
+    uint64_t a = (uint64_t)(uintptr_t)base;
+    atomic_store(&stop, 0);
+    remaps = 0;
     pthread_t b;
     pthread_create(&b, NULL, remapper, NULL);
     long gets = 0, failed = 0, judged = 0, raced = 0, stale = 0, hits_judged = 0;
     long last_reg = -1;
-    double end = now_s() + 1.5;
+    double end = now_s() + seconds;
     while (now_s() < end) {
         unsigned long s0 = atomic_load(&seq);
         mmn_region_t r;
@@ -89,33 +99,68 @@ int main(void) {
             if ((long)info.reg_handle == last_reg) hits_judged++;
             if (!current) {
                 stale++;
-                fprintf(stderr, "STALE hit: record %lu: %s\n", (unsigned long)info.reg_handle, why);
+                if (control_fd < 0)
+                    fprintf(stderr, "STALE hit: record %lu: %s\n", (unsigned long)info.reg_handle, why);
             }
         } else {
             raced++;
         }
         last_reg = (long)info.reg_handle;
         OK(mmn_rcache_put(r));
+        atomic_fetch_add(&a_gets, 1);
     }
     atomic_store(&stop, 1);
     pthread_join(b, NULL);
-    mmn_rcache_stats_t st;
-    OK(mmn_rcache_stats(cache, &st));
-    printf("race: %ld remaps; %ld gets (%ld judged, %ld of them repeat registrations, %ld overlapped a remap), "
+    struct outcome o = {stale, judged, {0}};
+    OK(mmn_rcache_stats(cache, &o.st));
+    printf("%s: %ld %s; %ld gets (%ld judged, %ld of them repeat registrations, %ld overlapped a change), "
            "%ld failed on unmapped memory, %ld STALE\n",
-           remaps, gets, judged, hits_judged, raced, failed, stale);
-    printf("cache: hits %lu misses %lu invalidations %lu collisions %lu registrations %lu deregistrations %lu\n",
-           (unsigned long)st.hits, (unsigned long)st.misses, (unsigned long)st.invalidations,
-           (unsigned long)st.collisions, (unsigned long)st.registrations, (unsigned long)st.deregistrations);
-    CHECK(stale == 0, "%ld stale hits", stale);
-    CHECK(remaps >= 20 && judged >= 50 && st.hits >= 50 && st.invalidations + st.collisions >= 10,
-          "the test must have raced: remaps %ld judged %ld hits %lu invalidations+collisions %lu", remaps, judged,
-          (unsigned long)st.hits, (unsigned long)(st.invalidations + st.collisions));
+           control_fd >= 0 ? "control" : "race", remaps, control_fd >= 0 ? "hole punches" : "remaps", gets, judged,
+           hits_judged, raced, failed, stale);
+    printf("  cache: hits %lu misses %lu invalidations %lu collisions %lu registrations %lu deregistrations %lu\n",
+           (unsigned long)o.st.hits, (unsigned long)o.st.misses, (unsigned long)o.st.invalidations,
+           (unsigned long)o.st.collisions, (unsigned long)o.st.registrations, (unsigned long)o.st.deregistrations);
+    return o;
+}
+
+int main(void) {
+    len = PAGES * (size_t)page_size();
+    OK(mmn_init(MMN_ABI_VERSION, NULL));
+    registrar_init(&reg);
+    reg.writer_seq = &seq;
+    printf("judging by %s\n", reg.pfns_visible ? "page frames and contents" : "contents only (frame numbers hidden)");
+
+    /* The race. */
+    cache = make_cache(&reg, 0);
+    base = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    CHECK(base != MAP_FAILED, "mmap");
+    fill(1);
+    struct outcome o = run(1.5);
+    CHECK(o.stale == 0, "%ld stale hits", o.stale);
+    CHECK(remaps >= 20 && o.judged >= 50 && o.st.hits >= 50 && o.st.invalidations + o.st.collisions >= 10,
+          "the test must have raced: remaps %ld judged %ld hits %lu invalidations+collisions %lu", remaps, o.judged,
+          (unsigned long)o.st.hits, (unsigned long)(o.st.invalidations + o.st.collisions));
     OK(mmn_rcache_destroy(cache));
+    munmap(base, len);
+
+    /* Control: the same judge on a cache told to trust memory it cannot see (MMN_BLIND_TRUST),
+     * while the other thread punches holes in the shared file behind it (no event): it must
+     * find stale hits, or it could not find them above either. */
+    cache = make_cache_policy(&reg, 0, MMN_BLIND_TRUST);
+    control_fd = memfd_create("mmn-race-control", 0);
+    CHECK(ftruncate(control_fd, (off_t)len) == 0, "ftruncate");
+    base = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, control_fd, 0);
+    CHECK(base != MAP_FAILED, "mmap memfd");
+    fill(1);
+    struct outcome c = run(0.5);
+    CHECK(c.stale > 0, "the control found no stale hit: the judge cannot fail");
+    OK(mmn_rcache_destroy(cache));
+    munmap(base, len);
+    close(control_fd);
+
     CHECK(atomic_load(&reg.regs) == atomic_load(&reg.deregs) && atomic_load(&reg.double_deregs) == 0,
           "every registration deregistered exactly once: %ld regs, %ld deregs, %ld double",
           atomic_load(&reg.regs), atomic_load(&reg.deregs), atomic_load(&reg.double_deregs));
-    munmap(base, len);
     OK(mmn_fini());
     registrar_free(&reg);
     return finish("rcache_race");
