@@ -143,7 +143,7 @@ pub(crate) fn run(args: &RcacheCheckArgs) -> Result<ExitCode, String> {
     }
     println!(
         "* userfaultfd sends no event: the plain call is safe only because the cache recognises \
-         such memory (SysV shm, shared file mappings) and does not cache it (or validates its \
+         such memory (SysV shm, file mappings) and does not cache it (or validates its \
          frames on every hit); the wrapper notifies."
     );
     println!(

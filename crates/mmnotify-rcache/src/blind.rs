@@ -11,8 +11,10 @@
 //! * a hole anywhere: [`Error::Unmapped`](crate::Error::Unmapped);
 //! * a SysV shm attachment (`/SYSV...`), or any shared file mapping (memfd, tmpfs, ext4, and
 //!   shared anonymous memory, which is a shmem file another process may hold): *blind*;
+//! * a private file mapping: *blind* too (a truncation by anyone unmaps its pages past the new
+//!   end, the copied-on-write ones included, without an event);
 //! * a part the watcher reported it could not watch: *blind*;
-//! * anything else (private anonymous, private file, heap, stack): *seen*.
+//! * anything else (anonymous private memory: heap, stack, `mmap`ed buffers): *seen*.
 //!
 //! A blind region is handled by [`BlindSpotPolicy`]: registered for the one use and
 //! deregistered at its put (never cached, the default), or cached and validated on every hit
@@ -54,6 +56,12 @@ pub enum BlindReason {
         /// The name /proc/self/maps shows.
         name: String,
     },
+    /// A private mapping of a file: a truncation by anyone unmaps its pages past the new end,
+    /// copied-on-write ones included, and sends no event.
+    PrivateFile {
+        /// The name /proc/self/maps shows.
+        name: String,
+    },
     /// The watcher could not register this part.
     Unwatched {
         /// The watcher's reason.
@@ -66,6 +74,7 @@ impl std::fmt::Display for BlindReason {
         match self {
             BlindReason::SysvShm { name } => write!(f, "SysV shm attachment {name}"),
             BlindReason::SharedFile { name } => write!(f, "shared file mapping {name}"),
+            BlindReason::PrivateFile { name } => write!(f, "private file mapping {name}"),
             BlindReason::Unwatched { reason } => write!(f, "not watched: {reason}"),
         }
     }
@@ -98,6 +107,8 @@ fn classify_vmas(
                 reason = Some(BlindReason::SysvShm { name: vma.name });
             } else if vma.is_file() && vma.is_shared() {
                 reason = Some(BlindReason::SharedFile { name: vma.name });
+            } else if vma.is_file() {
+                reason = Some(BlindReason::PrivateFile { name: vma.name });
             }
         }
     }

@@ -21,7 +21,7 @@
 //!   errors and panics reach the caller typed. Two ship: [`UringRegistrar`] (io_uring fixed
 //!   buffers: real pinning, with `READ_FIXED`/`WRITE_FIXED` helpers) and [`FrameRegistrar`]
 //!   (records page frames: the ground truth of the tests).
-//! * Memory the watcher is blind to (SysV shm, shared file mappings) is recognised at
+//! * Memory the watcher is blind to (SysV shm, file mappings) is recognised at
 //!   registration and, by [`BlindSpotPolicy`], not cached or validated on every hit.
 //!
 //! # Map of the crate

@@ -16,6 +16,10 @@
 //! the registration collides or is invalidated. An entry is only added when no event at all
 //! was delivered while `watch` ran (an epoch counter), so a VMA replaced between its
 //! registration and its addition is never remembered.
+//!
+//! Caveat: the watcher is shared by the whole process, and `Watcher::unwatch` unregisters
+//! memory for every user of it. The cache assumes that nobody unwatches memory it caches (an
+//! unwatched VMA sends no event, whether the cache remembers it or not).
 
 use crate::sync::Mutex;
 use std::collections::BTreeMap;

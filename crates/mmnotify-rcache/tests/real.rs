@@ -1,7 +1,7 @@
 //! Acceptance on real memory: bad input (zero length, overflow, unmapped memory, holes,
 //! access the registrar refuses, a full io_uring table, the vdso) gives typed errors and leaves
 //! the cache consistent with nothing leaked (regions and io_uring slots accounted for at
-//! drop); memory the watcher is blind to (SysV shm, shared file mappings) is never a stale hit
+//! drop); memory the watcher is blind to (SysV shm, file mappings) is never a stale hit
 //! for a user who does not know the wrappers (issue 10 item 6), under both policies.
 
 #![allow(
@@ -330,5 +330,52 @@ fn a_shut_down_watcher_fails_closed_and_the_cache_still_releases_everything() {
         drop(cache);
         assert_eq!(reg.books().live, 0);
         unmap(a, 2);
+    });
+}
+
+#[test]
+fn a_private_file_mapping_is_blind_because_truncation_unmaps_even_its_copies() {
+    let _serial = common::serial();
+    common::bounded(Duration::from_secs(30), || {
+        // SAFETY: a new memfd the test owns, sized to two pages.
+        let fd = unsafe { libc::memfd_create(c"private".as_ptr(), 0) };
+        // SAFETY: sizing our own memfd.
+        assert_eq!(unsafe { libc::ftruncate(fd, (2 * ps()) as i64) }, 0);
+        let m = map(2, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE, fd);
+        // SAFETY: our own private mapping: the write copies the page.
+        unsafe { std::ptr::write_volatile(m as *mut u64, 1) };
+        let (reg, cache) = uring_cache(4, Config::default());
+        let g = cache.get(m, ps(), Access::READ_WRITE).unwrap();
+        assert!(!g.is_cached());
+        assert!(
+            matches!(g.blind_reason(), Some(BlindReason::PrivateFile { .. })),
+            "{g:?}"
+        );
+        drop(g);
+        drop(cache);
+        if mmnotify_uffd::pagemap::pfns_visible() {
+            // Frame-validated: truncating the file away and back (no event) makes the next
+            // get miss, although the copied page was private.
+            let (reg2, cache) = uring_cache(
+                4,
+                Config::default().blind_spots(BlindSpotPolicy::ValidateFrames),
+            );
+            drop(cache.get(m, ps(), Access::READ_WRITE).unwrap());
+            // SAFETY: truncating and re-growing our own memfd, then writing our own mapping.
+            unsafe {
+                assert_eq!(libc::ftruncate(fd, 0), 0);
+                assert_eq!(libc::ftruncate(fd, (2 * ps()) as i64), 0);
+                std::ptr::write_volatile(m as *mut u64, 2);
+            }
+            drop(cache.get(m, ps(), Access::READ_WRITE).unwrap());
+            let s = cache.stats();
+            assert_eq!((s.hits, s.blind_validation_failures), (0, 1), "{s}");
+            drop(cache);
+            assert_eq!(reg2.books().live, 0);
+        }
+        assert_eq!(reg.books().live, 0);
+        unmap(m, 2);
+        // SAFETY: closing our own descriptor.
+        unsafe { libc::close(fd) };
     });
 }
