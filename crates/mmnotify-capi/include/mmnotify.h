@@ -135,7 +135,7 @@
 // this cache by default).
 #define MMN_RCACHE_NO_MERGE 1
 
-// Memory the watcher cannot fully see (SysV shm, shared file mappings) is registered for one
+// Memory the watcher cannot fully see (SysV shm, file mappings) is registered for one
 // use and deregistered at the put (the default: never a stale hit, never a hit).
 #define MMN_BLIND_UNCACHED 0
 

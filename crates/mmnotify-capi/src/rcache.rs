@@ -41,7 +41,7 @@ pub const MMN_ACCESS_WRITE: u32 = 2;
 /// this cache by default).
 pub const MMN_RCACHE_NO_MERGE: u32 = 1;
 
-/// Memory the watcher cannot fully see (SysV shm, shared file mappings) is registered for one
+/// Memory the watcher cannot fully see (SysV shm, file mappings) is registered for one
 /// use and deregistered at the put (the default: never a stale hit, never a hit).
 pub const MMN_BLIND_UNCACHED: u32 = 0;
 /// Such memory is cached and its page frames compared on every hit (needs CAP_SYS_ADMIN to
