@@ -41,6 +41,16 @@ static inline double now_s(void) {
 
 static inline long page_size(void) { return sysconf(_SC_PAGESIZE); }
 
+/* A "quiet" address for memory the tests unmap and map again at the same place: far below
+ * where the kernel places mappings without a hint (it searches top-down from below the stack,
+ * and the executable and heap sit above this), and above AddressSanitizer's shadow memory
+ * (which ends at 0x10007fff7fff on x86-64). Another thread's mmap can then not take the hole
+ * an munmap leaves. Each call returns a fresh 16 MiB slot. */
+static inline void *quiet_addr(void) {
+    static unsigned long next;
+    return (void *)(uintptr_t)(0x200000000000ULL + __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED) * 0x1000000ULL);
+}
+
 static inline int finish(const char *name) {
     if (check_failures) {
         printf("%s: %d check(s) FAILED\n", name, check_failures);

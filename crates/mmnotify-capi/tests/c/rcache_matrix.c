@@ -56,13 +56,17 @@ static void fill(char *p, size_t n, uint64_t tag) {
 }
 
 static int map_at(struct mem *m, void *hint, int fixed) {
+    if (!hint && m->kind != BRK) {
+        hint = quiet_addr(); /* nobody else maps there: the address stays free for the re-map */
+        fixed = fixed || m->kind != SYSV;
+    }
     int fl = fixed ? MAP_FIXED_NOREPLACE : 0;
     switch (m->kind) {
     case ANON:
         m->p = mmap(hint, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | fl, -1, 0);
         break;
     case MEMFD:
-        if (!fixed) {
+        if (m->fd < 0) {
             m->fd = memfd_create("mmn-matrix", 0);
             CHECK(ftruncate(m->fd, (off_t)len) == 0, "ftruncate");
         }

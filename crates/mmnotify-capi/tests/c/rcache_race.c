@@ -132,7 +132,7 @@ int main(void) {
 
     /* The race. */
     cache = make_cache(&reg, 0);
-    base = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    base = mmap(quiet_addr(), len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
     CHECK(base != MAP_FAILED, "mmap");
     fill(1);
     struct outcome o = run(1.5);

@@ -42,7 +42,7 @@ static int peek(uint64_t addr, uint64_t *out) {
 static void sequential(void) {
     long ps = page_size();
     struct mirror m = {.lock = PTHREAD_MUTEX_INITIALIZER};
-    uint64_t *p = mmap(NULL, (size_t)ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    uint64_t *p = mmap(quiet_addr(), (size_t)ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
     CHECK(p != MAP_FAILED, "mmap");
     p[0] = 1;
     uint64_t a = (uint64_t)(uintptr_t)p;
@@ -53,7 +53,7 @@ static void sequential(void) {
     /* 1. mremap away: the old range is invalidated. */
     OK(mmn_read_begin(iv, &s));
     void *moved = mremap(p, (size_t)ps, (size_t)ps, MREMAP_MAYMOVE | MREMAP_FIXED,
-                         mmap(NULL, (size_t)ps, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+                         mmap(quiet_addr(), (size_t)ps, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0));
     CHECK(moved != MAP_FAILED, "mremap");
     CHECK(mmn_read_retry(iv, &s) == 1, "mremap: a fill begun before it must collide");
     OK(mmn_read_begin(iv, &s));
@@ -127,7 +127,7 @@ static void *remapper(void *arg) {
 
 static void race(double seconds) {
     long ps = page_size();
-    uint64_t *p = mmap(NULL, (size_t)ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    uint64_t *p = mmap(quiet_addr(), (size_t)ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
     CHECK(p != MAP_FAILED, "mmap");
     *p = 1; /* generation 0 */
     race_addr = (uint64_t)(uintptr_t)p;
