@@ -67,6 +67,7 @@ fn run_program(name: &str, timeout: Duration) {
             "{name} ({variant}): a sanitizer reported a problem:\n{stderr}"
         );
     }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -122,6 +123,7 @@ fn the_static_archive_links_a_c_program() {
         String::from_utf8_lossy(&run.stderr)
     );
     assert!(!Path::new(&exe).with_extension("so").exists());
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

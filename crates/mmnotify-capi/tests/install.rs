@@ -101,4 +101,5 @@ fn installed_header_and_pkg_config_build_the_c_example() {
             "the example does not load the installed library:\n{text}"
         );
     }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -78,12 +78,12 @@ static struct outcome run(double seconds) {
     pthread_create(&b, NULL, remapper, NULL);
     long gets = 0, failed = 0, judged = 0, raced = 0, stale = 0, hits_judged = 0;
     long last_reg = -1;
-    /* At least `seconds`, and until 50 judged gets over 20 changes (a loaded machine may starve
+    /* At least `seconds`, and until 50 judged gets and 100 changes (a loaded machine may starve
      * one thread), at most 10 s. */
     double start = now_s();
     for (;;) {
         double t = now_s() - start;
-        if (t >= 10 || (t >= seconds && judged >= 50 && atomic_load(&remaps) >= 20)) break;
+        if (t >= 10 || (t >= seconds && judged >= 50 && atomic_load(&remaps) >= 100)) break;
         unsigned long s0 = atomic_load(&seq);
         mmn_region_t r;
         mmn_region_info_t info;

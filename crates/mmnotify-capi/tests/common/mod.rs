@@ -102,9 +102,12 @@ pub(crate) fn sanitizers_available(out_dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// A scratch directory under the target directory, fresh per name.
+/// A scratch directory under the target directory, fresh per name and process (remove it
+/// when the test passed).
 pub(crate) fn scratch(name: &str) -> PathBuf {
-    let dir = profile_dir().join("capi-tests").join(name);
+    let dir = profile_dir()
+        .join("capi-tests")
+        .join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
