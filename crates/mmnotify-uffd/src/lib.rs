@@ -65,6 +65,8 @@ pub use coop::{advice_invalidates, file_mappings};
 pub use error::{Error, FailReason, Result};
 pub use gate::Health;
 pub use interval::{WatchSeq, WatchedInterval};
+#[cfg(feature = "fault-injection")]
+pub use watch::set_before_register_hook;
 pub use watch::{SkipReason, Skipped, WatchOutcome, WatchReport, WatchedVma};
 #[cfg(feature = "fault-injection")]
 pub use watcher::Fault;

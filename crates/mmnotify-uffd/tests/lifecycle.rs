@@ -266,6 +266,56 @@ fn watching_a_sub_range_splits_no_vma() {
     assert!(after[0].start <= p && after[0].end >= end);
 }
 
+/// Runs on the watching thread between the map read and `UFFDIO_REGISTER`: unmaps the middle
+/// page of the three-page VMA, as another thread could.
+fn unmap_the_middle_page(start: u64, end: u64) {
+    if end - start == 3 * ps() as u64 {
+        // SAFETY: the test owns the region (the hook fires only on the test's thread).
+        let r = unsafe { libc::munmap((start + ps() as u64) as *mut c_void, ps()) };
+        assert_eq!(r, 0);
+    }
+}
+
+#[test]
+fn memory_changed_between_the_map_read_and_the_registration_is_not_reported_watched() {
+    let _serial = serial();
+    let w = watcher();
+    let p = map_anon(3) as u64;
+    let ps = ps() as u64;
+    mmnotify_uffd::set_before_register_hook(Some(unmap_the_middle_page));
+    let report = w.watch(p, 3 * ps);
+    mmnotify_uffd::set_before_register_hook(None);
+    let report = report.expect("the outer pages are watched");
+    // New memory at the hole, mapped after the registration: the kernel did not register it.
+    map_with(
+        1,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+        -1,
+        (p + ps) as usize,
+    );
+    let now = maps::read_self().unwrap();
+    let middle = maps::overlapping(&now, p + ps, p + 2 * ps);
+    assert!(middle.iter().all(|v| !v.uffd_wp), "{middle:?}");
+    assert!(
+        report
+            .watched
+            .iter()
+            .all(|v| v.end <= p + ps || v.start >= p + 2 * ps),
+        "the middle page is reported watched: {report:?}"
+    );
+    assert!(
+        report.skipped.iter().any(|s| s.start == p + ps
+            && s.end == p + 2 * ps
+            && s.reason == SkipReason::ChangedDuringWatch),
+        "{report:?}"
+    );
+    assert!(!report.is_complete());
+    // SAFETY: the test owns the region.
+    let r = unsafe { libc::munmap(p as *mut c_void, 3 * ps as usize) };
+    assert_eq!(r, 0);
+    w.synchronize(Duration::from_secs(10)).unwrap();
+}
+
 #[test]
 fn unwatch_unregisters_whole_vmas_and_stops_the_events() {
     let _serial = serial();
