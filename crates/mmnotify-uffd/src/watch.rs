@@ -363,16 +363,21 @@ pub fn set_before_register_hook(hook: Option<RegisterHook>) {
     BEFORE_REGISTER.with(|h| h.set(hook));
 }
 
-/// Unregisters the VMAs overlapping `[start, end)` (whole, as they were registered).
-pub(crate) fn unregister_range(fd: BorrowedFd<'_>, start: u64, end: u64) -> Result<usize> {
+/// Unregisters the VMAs overlapping `[start, end)` (whole, as they were registered); returns
+/// the `[start, end)` of each VMA unregistered, for the caller's invalidation.
+pub(crate) fn unregister_range(
+    fd: BorrowedFd<'_>,
+    start: u64,
+    end: u64,
+) -> Result<Vec<(u64, u64)>> {
     let vmas = maps::read_self().map_err(|e| Error::syscall("reading /proc/self/smaps", e))?;
-    let mut n = 0;
+    let mut gone = Vec::new();
     for vma in maps::overlapping(&vmas, start, end) {
         if vma.uffd_wp && sys::unregister(fd, vma.start, vma.end - vma.start).is_ok() {
-            n += 1;
+            gone.push((vma.start, vma.end));
         }
     }
-    Ok(n)
+    Ok(gone)
 }
 
 #[cfg(test)]

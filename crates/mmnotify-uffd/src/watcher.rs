@@ -380,15 +380,36 @@ impl Watcher {
     /// Stops watching the VMAs overlapping `[addr, addr + len)` (whole VMAs, as they were
     /// registered); returns how many were unregistered.
     ///
+    /// A VMA may be shared by several users (mirrors of other ranges in it), and after the
+    /// unregistration the kernel reports nothing more about any of it. So every unregistered
+    /// VMA is then invalidated, whole, on the watcher's `Mm` (`Event::Unmap`, from the calling
+    /// thread, every callback done before this returns): every mirror of that memory drops it
+    /// (more invalidation than needed, never less; docs/SEMANTICS.md U9).
+    ///
     /// # Errors
     ///
-    /// The input errors of [`Watcher::watch`] and the fail-closed errors.
+    /// The input errors of [`Watcher::watch`]; [`Error::InDispatcher`] from a subscriber
+    /// callback (the invalidation would run callbacks from inside one); the engine's refusal
+    /// of the invalidation; and the fail-closed errors.
     pub fn unwatch(&self, addr: u64, len: u64) -> Result<usize> {
         let end = watch::validate(addr, len)?;
+        if gate::on_dispatcher_thread() {
+            return Err(Error::InDispatcher { op: "unwatch" });
+        }
         self.core().gate.check()?;
-        let uffd = self.core().uffd.read();
-        let fd = uffd.as_ref().ok_or(Error::ShutDown)?;
-        watch::unregister_range(fd.as_fd(), addr, end)
+        let gone = {
+            let uffd = self.core().uffd.read();
+            let fd = uffd.as_ref().ok_or(Error::ShutDown)?;
+            watch::unregister_range(fd.as_fd(), addr, end)?
+        };
+        for &(start, end) in &gone {
+            let range = Range::new(start, end)?;
+            self.core()
+                .mm
+                .invalidate_start(range, mmnotify::Event::Unmap)?
+                .end();
+        }
+        Ok(gone.len())
     }
 
     /// Inserts an interval subscription over `range` on the watcher's `Mm`, and

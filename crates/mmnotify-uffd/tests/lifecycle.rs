@@ -317,6 +317,37 @@ fn memory_changed_between_the_map_read_and_the_registration_is_not_reported_watc
 }
 
 #[test]
+fn unwatch_invalidates_every_mirror_of_the_unregistered_vma() {
+    let _serial = serial();
+    let w = watcher();
+    let ps = ps() as u64;
+    // One VMA of two pages; `r` mirrors all of it, `other` only its second page.
+    let r = mirror_region(&w, map_anon(2) as u64, 2);
+    let other = Arc::new(Mirror::default());
+    let other_iv = w
+        .insert_interval(Range::from_len(r.addr + ps, ps).unwrap(), other.clone())
+        .unwrap();
+    assert!(other.fill(&other_iv, r.addr + ps, 1));
+    r.mirror.clear_events();
+    // Unwatching the first page unregisters the whole VMA: the second page is blind now, so
+    // its mirror must drop it too.
+    assert_eq!(w.unwatch(r.addr, ps).unwrap(), 1);
+    // (The VMA may have merged with a neighbouring mapping: the invalidation covers it whole.)
+    let covers = |ev: Vec<(u64, u64, Event)>| {
+        ev.iter()
+            .any(|&(s, e, k)| s <= r.addr && e >= r.addr + 2 * ps && k == Event::Unmap)
+    };
+    assert!(covers(other.events()), "{:?}", other.events());
+    assert!(covers(r.mirror.events()), "{:?}", r.mirror.events());
+    assert_eq!((other.len(), r.mirror.len()), (0, 0));
+    w.remove_interval(&other_iv).unwrap();
+    w.remove_interval(&r.iv).unwrap();
+    // SAFETY: the test owns the region.
+    let rc = unsafe { libc::munmap(r.ptr(), r.len()) };
+    assert_eq!(rc, 0);
+}
+
+#[test]
 fn unwatch_unregisters_whole_vmas_and_stops_the_events() {
     let _serial = serial();
     let w = watcher();
