@@ -162,6 +162,13 @@ pub enum Fault {
     /// The userfaultfd's descriptor number is closed behind the watcher's back, as a
     /// `close_range` in library code would.
     CloseUffd,
+    /// The userfaultfd's descriptor number is made to name another open file (a `dup2` of
+    /// `with` onto it), as a stray close followed by an unrelated open (a pipe with data in
+    /// it, say) would.
+    ReplaceUffd {
+        /// The descriptor whose file the number names afterwards.
+        with: i32,
+    },
 }
 
 pub(crate) struct Core {
@@ -497,6 +504,12 @@ impl Watcher {
                     unsafe { libc::dup2(null.as_raw_fd(), self.core().raw_fd) };
                 }
             }
+            Fault::ReplaceUffd { with } => {
+                // SAFETY: as for `CloseUffd`: the number is ours, and the reader forgets
+                // (never closes) it once it notices the file is not its own. `with` stays
+                // the caller's.
+                unsafe { libc::dup2(with, self.core().raw_fd) };
+            }
         }
     }
 
@@ -641,11 +654,12 @@ impl Core {
     }
 
     /// Closes the userfaultfd: unregisters everything and releases every waiting unmapper.
-    /// When the number no longer names our file, it is forgotten, not closed.
+    /// When the number no longer names our file (the caller noticed, or the identity checked
+    /// here under the write lock differs), it is forgotten, not closed: it is someone else's.
     pub(crate) fn close_uffd(&self, ours: bool) {
         let mut slot = self.uffd.write();
         if let Some(fd) = slot.take() {
-            if ours {
+            if ours && sys::identity(fd.as_fd()).ok() == Some(self.identity) {
                 drop(fd);
             } else {
                 std::mem::forget(fd);
