@@ -70,7 +70,10 @@ pub use watch::set_before_register_hook;
 pub use watch::{SkipReason, Skipped, WatchOutcome, WatchReport, WatchedVma};
 #[cfg(feature = "fault-injection")]
 pub use watcher::Fault;
-pub use watcher::{Features, ForkEvents, Remap, Watcher, WatcherOptions, WatcherStats};
+pub use watcher::{
+    Features, ForkEvents, Remap, Watcher, WatcherOptions, WatcherStats, MAX_QUEUE_CAPACITY,
+    MAX_READ_BATCH, MAX_REMOVE_SETTLE,
+};
 
 /// The system page size, in bytes.
 pub fn page_size() -> u64 {

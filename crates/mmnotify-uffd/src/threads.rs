@@ -147,7 +147,13 @@ pub(crate) fn reader_main(core: Arc<Core>, ready: std::sync::mpsc::Sender<()>) {
         reason: None,
         ours: true,
     };
-    let mut buf = vec![0u8; sys::MSG_SIZE * core.options.read_batch.max(1)];
+    // `read_batch` was validated (1..=MAX_READ_BATCH); the clamp keeps the product in range
+    // whatever happens to the options.
+    let batch = core
+        .options
+        .read_batch
+        .clamp(1, crate::watcher::MAX_READ_BATCH);
+    let mut buf = vec![0u8; sys::MSG_SIZE.saturating_mul(batch)];
     let mut prober = Prober::new();
     let timeout = rustix::event::Timespec {
         tv_sec: HEARTBEAT.as_secs() as _,

@@ -87,6 +87,48 @@ pub struct WatcherOptions {
     pub remove_settle: Duration,
 }
 
+/// The largest `WatcherOptions::queue_capacity` (about 40 MiB of ring reserved up front).
+pub const MAX_QUEUE_CAPACITY: usize = 1 << 20;
+/// The largest `WatcherOptions::read_batch` (a 128 KiB read buffer).
+pub const MAX_READ_BATCH: usize = 4096;
+/// The longest `WatcherOptions::remove_settle`: each MADV_FREE of present pages holds the
+/// dispatcher this long.
+pub const MAX_REMOVE_SETTLE: Duration = Duration::from_secs(10);
+
+impl WatcherOptions {
+    /// Checks every field against its range.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOptions`] naming the first field out of range and its value:
+    /// `queue_capacity` must be 1..=[`MAX_QUEUE_CAPACITY`], `read_batch`
+    /// 1..=[`MAX_READ_BATCH`], `remove_settle` at most [`MAX_REMOVE_SETTLE`].
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=MAX_QUEUE_CAPACITY).contains(&self.queue_capacity) {
+            return Err(Error::InvalidOptions {
+                field: "queue_capacity",
+                value: self.queue_capacity.to_string(),
+                allowed: "between 1 and 1048576 messages",
+            });
+        }
+        if !(1..=MAX_READ_BATCH).contains(&self.read_batch) {
+            return Err(Error::InvalidOptions {
+                field: "read_batch",
+                value: self.read_batch.to_string(),
+                allowed: "between 1 and 4096 messages",
+            });
+        }
+        if self.remove_settle > MAX_REMOVE_SETTLE {
+            return Err(Error::InvalidOptions {
+                field: "remove_settle",
+                value: format!("{:?}", self.remove_settle),
+                allowed: "at most 10 s",
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Default for WatcherOptions {
     fn default() -> Self {
         WatcherOptions {
@@ -281,13 +323,18 @@ impl Watcher {
     ///
     /// # Errors
     ///
-    /// [`Error::OptionsConflict`] if the existing watcher was created with other options;
+    /// [`Error::InvalidOptions`] if a field is out of range (see
+    /// [`WatcherOptions::validate`]); [`Error::OptionsConflict`] if the existing watcher was
+    /// created with other options;
     /// [`Error::ForkEventsNotPermitted`]; and the errors of [`Watcher::get`].
     pub fn with_options(options: WatcherOptions) -> Result<Watcher> {
         Self::obtain(Some(options))
     }
 
     fn obtain(options: Option<WatcherOptions>) -> Result<Watcher> {
+        if let Some(o) = &options {
+            o.validate()?;
+        }
         let mut slot = PROCESS_WATCHER.lock();
         if let Some(handle) = slot.as_ref().and_then(Weak::upgrade) {
             match handle.core.gate.health() {
@@ -520,6 +567,7 @@ impl Watcher {
 
 impl Core {
     fn create(options: WatcherOptions) -> Result<Arc<Core>> {
+        options.validate()?;
         let probe = sys::create().map_err(creation_error)?;
         let supported = sys::api(probe.as_fd(), 0).map_err(|e| Error::Syscall {
             call: "UFFDIO_API",

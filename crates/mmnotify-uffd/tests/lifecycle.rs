@@ -317,6 +317,58 @@ fn memory_changed_between_the_map_read_and_the_registration_is_not_reported_watc
 }
 
 #[test]
+fn options_out_of_range_are_typed_errors_naming_the_field() {
+    let d = WatcherOptions::default();
+    for (bad, field) in [
+        (
+            WatcherOptions {
+                remove_settle: Duration::MAX,
+                ..d
+            },
+            "remove_settle",
+        ),
+        (
+            WatcherOptions {
+                queue_capacity: usize::MAX - 1,
+                ..d
+            },
+            "queue_capacity",
+        ),
+        (
+            WatcherOptions {
+                queue_capacity: 0,
+                ..d
+            },
+            "queue_capacity",
+        ),
+        (
+            WatcherOptions {
+                read_batch: usize::MAX / 2,
+                ..d
+            },
+            "read_batch",
+        ),
+        (WatcherOptions { read_batch: 0, ..d }, "read_batch"),
+    ] {
+        match Watcher::with_options(bad) {
+            Err(e @ Error::InvalidOptions { field: f, .. }) => {
+                assert_eq!(f, field);
+                assert!(e.to_string().contains(field), "{e}");
+            }
+            other => panic!("{field}: expected InvalidOptions, got {other:?}"),
+        }
+    }
+    assert!(d.validate().is_ok());
+    let edge = WatcherOptions {
+        remove_settle: mmnotify_uffd::MAX_REMOVE_SETTLE,
+        queue_capacity: mmnotify_uffd::MAX_QUEUE_CAPACITY,
+        read_batch: mmnotify_uffd::MAX_READ_BATCH,
+        ..d
+    };
+    assert!(edge.validate().is_ok());
+}
+
+#[test]
 fn unwatch_invalidates_every_mirror_of_the_unregistered_vma() {
     let _serial = serial();
     let w = watcher();
