@@ -69,7 +69,7 @@ pub use interval::{WatchSeq, WatchedInterval};
 pub use watch::set_before_register_hook;
 pub use watch::{SkipReason, Skipped, WatchOutcome, WatchReport, WatchedVma};
 #[cfg(feature = "fault-injection")]
-pub use watcher::Fault;
+pub use watcher::{fail_next_dispatcher_spawn, Fault};
 pub use watcher::{
     Features, ForkEvents, Remap, Watcher, WatcherOptions, WatcherStats, MAX_QUEUE_CAPACITY,
     MAX_READ_BATCH, MAX_REMOVE_SETTLE,

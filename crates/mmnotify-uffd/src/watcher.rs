@@ -213,6 +213,17 @@ pub enum Fault {
     },
 }
 
+#[cfg(feature = "fault-injection")]
+static FAIL_NEXT_DISPATCHER_SPAWN: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Test-only (feature `fault-injection`): the next watcher creation in this process fails as
+/// if the dispatcher thread could not be spawned (after the reader was started).
+#[cfg(feature = "fault-injection")]
+pub fn fail_next_dispatcher_spawn() {
+    FAIL_NEXT_DISPATCHER_SPAWN.store(true, Ordering::SeqCst);
+}
+
 pub(crate) struct Core {
     pub(crate) gate: Arc<Gate>,
     pub(crate) mm: Mm,
@@ -667,10 +678,30 @@ impl Core {
             .spawn(move || reader_main(reader_core, ready_tx))
             .map_err(|e| Error::syscall("spawning the reader thread", e))?;
         let dispatcher_core = Arc::clone(&core);
-        let dispatcher = thread::Builder::new()
-            .name("mmnotify-uffd-dispatch".into())
-            .spawn(move || dispatcher_main(dispatcher_core))
-            .map_err(|e| Error::syscall("spawning the dispatcher thread", e))?;
+        #[cfg(feature = "fault-injection")]
+        let injected = FAIL_NEXT_DISPATCHER_SPAWN.swap(false, Ordering::SeqCst);
+        #[cfg(not(feature = "fault-injection"))]
+        let injected = false;
+        let spawned = if injected {
+            drop(dispatcher_core);
+            Err(io::Error::other("fault injection: no dispatcher thread"))
+        } else {
+            thread::Builder::new()
+                .name("mmnotify-uffd-dispatch".into())
+                .spawn(move || dispatcher_main(dispatcher_core))
+        };
+        let dispatcher = match spawned {
+            Ok(handle) => handle,
+            Err(e) => {
+                // The reader is running with the gate open for business: stop it as a shutdown
+                // would (it closes the userfaultfd on its way out) and join it, so that neither
+                // the thread nor the descriptors outlive this failed creation.
+                core.gate.shut_down();
+                core.poke();
+                let _ = reader.join();
+                return Err(Error::syscall("spawning the dispatcher thread", e));
+            }
+        };
         let _ = ready_rx.recv_timeout(Duration::from_secs(10));
         core.threads.lock().extend([reader, dispatcher]);
         tracing::debug!(target: "mmnotify_uffd", fd = raw_fd, supported, enabled, "watcher created");

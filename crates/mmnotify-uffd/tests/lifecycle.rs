@@ -496,6 +496,12 @@ fn shutdown_leaks_no_thread_or_descriptor_and_later_use_is_refused() {
 }
 
 #[test]
+fn a_failed_dispatcher_spawn_leaks_no_reader_or_descriptor() {
+    let (ok, out) = run_child("child_entry", "dispatcher_spawn_fails", LIMIT, false);
+    assert!(ok && out.contains("ROLE-OK"), "{out}");
+}
+
+#[test]
 fn shutdown_from_a_callback_does_not_deadlock() {
     let (ok, out) = run_child("child_entry", "from_callback", LIMIT, false);
     assert!(ok && out.contains("ROLE-OK"), "{out}");
@@ -520,6 +526,31 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+fn role_dispatcher_spawn_fails() {
+    let _ = mmnotify_uffd::pagemap::frame(map_anon(1) as u64).unwrap();
+    let threads = count("/proc/self/task");
+    let fds = count("/proc/self/fd");
+    mmnotify_uffd::fail_next_dispatcher_spawn();
+    match Watcher::get() {
+        Err(Error::Syscall { call, .. }) => assert_eq!(call, "spawning the dispatcher thread"),
+        other => panic!("expected the injected spawn failure, got {other:?}"),
+    }
+    assert_eq!(count("/proc/self/task"), threads, "the reader was joined");
+    assert_eq!(
+        count("/proc/self/fd"),
+        fds,
+        "the userfaultfd and eventfd were closed"
+    );
+    // Nothing half-built stays behind: the next creation works.
+    let w = Watcher::get().unwrap();
+    assert_eq!(w.health(), Health::Running);
+    let r = mirror_region(&w, map_anon(1) as u64, 1);
+    // SAFETY: the role's own region.
+    assert_eq!(unsafe { libc::munmap(r.ptr(), r.len()) }, 0);
+    r.sync(&w);
+    assert_eq!(r.mirror.len(), 0);
 }
 
 fn role_no_leak() {
@@ -665,6 +696,7 @@ fn role_during_unmaps() {
 fn child_entry() {
     match role().as_deref() {
         Some("no_leak") => role_no_leak(),
+        Some("dispatcher_spawn_fails") => role_dispatcher_spawn_fails(),
         Some("from_callback") => role_from_callback(),
         Some("during_unmaps") => role_during_unmaps(),
         Some("overflow") => role_overflow(),
