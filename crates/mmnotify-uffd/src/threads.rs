@@ -78,14 +78,18 @@ impl Core {
             // until the probed page is seen cleared, then across a write-lock fence, so that
             // fills starting after it see the zapped range (zap.rs; U4 in docs/SEMANTICS.md,
             // with its residual window).
-            Msg::Remove { start, end } => self.deliver_then(start, end, Event::Clear, || {
-                if !zap::wait_for_zap(probe, self.options.remove_settle) {
-                    self.counters
-                        .removes_unconfirmed
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                self.scratch.mmap_lock_fence();
-            }),
+            Msg::Remove { start, end } => {
+                // Populating an unprobed page may do I/O: here, never in the reader (U2).
+                let probe = zap::complete_probe(probe);
+                self.deliver_then(start, end, Event::Clear, || {
+                    if !zap::wait_for_zap(probe, self.options.remove_settle) {
+                        self.counters
+                            .removes_unconfirmed
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.scratch.mmap_lock_fence();
+                })
+            }
             Msg::Remap { from, to, len } => {
                 // Listeners learn the new address first, so that a mirror can re-point its
                 // entries at `to` when it drops them from `from` (the engine's events carry

@@ -177,8 +177,10 @@ pub struct WatcherStats {
     /// Subscriber callbacks that panicked on the dispatcher (each caught; the watcher goes on).
     pub callback_panics: u64,
     /// REMOVE invalidations ended without the zap having been seen, at the
-    /// `remove_settle` bound (or with no page to probe): only these can leave the residual
-    /// window of U4 (docs/SEMANTICS.md §9). Every MADV_FREE of present pages counts here.
+    /// `remove_settle` bound (or with no page to probe): the residual window of U4
+    /// (docs/SEMANTICS.md §9). Every MADV_FREE of present pages counts here. Not every stale
+    /// entry is counted: when two threads madvise the same pages at once, one's zap can
+    /// confirm the other's REMOVE early (U4).
     pub removes_unconfirmed: u64,
 }
 
