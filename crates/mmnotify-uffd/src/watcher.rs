@@ -440,8 +440,8 @@ impl Watcher {
         let end = watch::validate(addr, len)?;
         self.core().gate.check()?;
         let uffd = self.core().uffd.read();
-        let fd = uffd.as_ref().ok_or(Error::ShutDown)?;
-        watch::register_range(fd.as_fd(), addr, end, self.core().features.wp_async)
+        let fd = self.core().own_uffd(&uffd)?;
+        watch::register_range(fd, addr, end, self.core().features.wp_async)
     }
 
     /// Stops watching the VMAs overlapping `[addr, addr + len)` (whole VMAs, as they were
@@ -466,8 +466,8 @@ impl Watcher {
         self.core().gate.check()?;
         let gone = {
             let uffd = self.core().uffd.read();
-            let fd = uffd.as_ref().ok_or(Error::ShutDown)?;
-            watch::unregister_range(fd.as_fd(), addr, end)?
+            let fd = self.core().own_uffd(&uffd)?;
+            watch::unregister_range(fd, addr, end)?
         };
         for &(start, end) in &gone {
             let range = Range::new(start, end)?;
@@ -732,6 +732,22 @@ impl Core {
                 let _ = t.join();
             }
         }
+    }
+
+    /// The userfaultfd, for an ioctl, if its number still names our file: registering on a
+    /// number someone replaced behind our back would send our ioctl to a stranger's file.
+    fn own_uffd<'a>(&self, slot: &'a Option<OwnedFd>) -> Result<std::os::fd::BorrowedFd<'a>> {
+        let Some(fd) = slot.as_ref().map(AsFd::as_fd) else {
+            // The reader closed it: say why (failed or shut down).
+            self.gate.check()?;
+            return Err(Error::ShutDown);
+        };
+        if sys::identity(fd).ok() != Some(self.identity) {
+            return Err(Error::Failed {
+                reason: crate::error::FailReason::UffdLost,
+            });
+        }
+        Ok(fd)
     }
 
     /// Closes the userfaultfd: unregisters everything and releases every waiting unmapper.

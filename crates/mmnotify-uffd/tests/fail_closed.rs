@@ -212,6 +212,13 @@ fn role_replaced_uffd() {
     let n = unsafe { libc::write(fds[1], msg.as_ptr().cast(), msg.len()) };
     assert_eq!(n, 32);
     w.inject_fault(mmnotify_uffd::Fault::ReplaceUffd { with: fds[0] });
+    // No ioctl goes to the stranger's file, even before the reader noticed.
+    assert!(matches!(
+        w.watch(r.addr, ps() as u64),
+        Err(Error::Failed {
+            reason: FailReason::UffdLost
+        })
+    ));
     wait_health(&w, Health::Failed(FailReason::UffdLost));
     // The stranger's data was not taken for a message: nothing of ours was closed.
     // SAFETY: F_GETFD only asks whether the number is open.
