@@ -96,6 +96,16 @@ pub enum Error {
         /// The options asked for.
         requested: crate::WatcherOptions,
     },
+    /// A field of [`WatcherOptions`](crate::WatcherOptions) is out of its range.
+    #[error("the watcher option {field} = {value} is out of range: it must be {allowed}")]
+    InvalidOptions {
+        /// The field, e.g. `remove_settle`.
+        field: &'static str,
+        /// The value given, as debug-printed.
+        value: String,
+        /// The values it may take.
+        allowed: &'static str,
+    },
     /// The memory is already registered with another userfaultfd in this process.
     #[error("[{start:#x}, {end:#x}) is already registered with another userfaultfd (EBUSY)")]
     AlreadyOwned {

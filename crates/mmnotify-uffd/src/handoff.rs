@@ -57,7 +57,9 @@ fn span_of(m: &Msg) -> Option<(u64, u64)> {
 
 impl Handoff {
     pub(crate) fn new(capacity: usize) -> Handoff {
-        let capacity = capacity.max(4);
+        // Validated in `WatcherOptions::validate`; clamped again so that no value can make
+        // the up-front reservation overflow.
+        let capacity = capacity.clamp(4, crate::watcher::MAX_QUEUE_CAPACITY);
         Handoff {
             ring: Mutex::new(Ring {
                 items: VecDeque::with_capacity(capacity),
@@ -125,6 +127,13 @@ impl Handoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_huge_capacity_is_clamped_not_a_panic() {
+        let h = Handoff::new(usize::MAX);
+        h.push(Item::End(1));
+        assert!(matches!(h.pop(), Item::End(1)));
+    }
 
     #[test]
     fn overflow_folds_in_order_and_keeps_the_newest_batch() {

@@ -65,10 +65,15 @@ pub use coop::{advice_invalidates, file_mappings};
 pub use error::{Error, FailReason, Result};
 pub use gate::Health;
 pub use interval::{WatchSeq, WatchedInterval};
+#[cfg(feature = "fault-injection")]
+pub use watch::set_before_register_hook;
 pub use watch::{SkipReason, Skipped, WatchOutcome, WatchReport, WatchedVma};
 #[cfg(feature = "fault-injection")]
-pub use watcher::Fault;
-pub use watcher::{Features, ForkEvents, Remap, Watcher, WatcherOptions, WatcherStats};
+pub use watcher::{fail_next_dispatcher_spawn, Fault};
+pub use watcher::{
+    Features, ForkEvents, Remap, Watcher, WatcherOptions, WatcherStats, MAX_QUEUE_CAPACITY,
+    MAX_READ_BATCH, MAX_REMOVE_SETTLE,
+};
 
 /// The system page size, in bytes.
 pub fn page_size() -> u64 {

@@ -4,8 +4,10 @@
 //! it opens a batch in the gate *before* `read(2)` (U2), reads whole messages into a buffer
 //! allocated at start-up, closes any child userfaultfd a FORK message carries, and pushes the
 //! messages and the batch's end marker to the hand-off ring. It never runs user code, never
-//! allocates, never waits for the dispatcher. Every 200 ms without events it checks that its
-//! descriptor number still names its own file. On its way out, by any path, it fails the gate
+//! allocates, never waits for the dispatcher. Before every `read(2)`, and every 200 ms without
+//! events, it checks (`fstat`) that its descriptor number still names its own file: the number
+//! may be closed or replaced by other code in the process, and a stranger's data must never be
+//! taken for messages (nor a descriptor it names closed as a FORK's). On its way out, by any path, it fails the gate
 //! closed (unless this is a shutdown) and closes the userfaultfd, which unregisters every range
 //! and releases every unmapper still waiting.
 //!
@@ -76,14 +78,18 @@ impl Core {
             // until the probed page is seen cleared, then across a write-lock fence, so that
             // fills starting after it see the zapped range (zap.rs; U4 in docs/SEMANTICS.md,
             // with its residual window).
-            Msg::Remove { start, end } => self.deliver_then(start, end, Event::Clear, || {
-                if !zap::wait_for_zap(probe, self.options.remove_settle) {
-                    self.counters
-                        .removes_unconfirmed
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                self.scratch.mmap_lock_fence();
-            }),
+            Msg::Remove { start, end } => {
+                // Populating an unprobed page may do I/O: here, never in the reader (U2).
+                let probe = zap::complete_probe(probe);
+                self.deliver_then(start, end, Event::Clear, || {
+                    if !zap::wait_for_zap(probe, self.options.remove_settle) {
+                        self.counters
+                            .removes_unconfirmed
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.scratch.mmap_lock_fence();
+                })
+            }
             Msg::Remap { from, to, len } => {
                 // Listeners learn the new address first, so that a mirror can re-point its
                 // entries at `to` when it drops them from `from` (the engine's events carry
@@ -145,7 +151,13 @@ pub(crate) fn reader_main(core: Arc<Core>, ready: std::sync::mpsc::Sender<()>) {
         reason: None,
         ours: true,
     };
-    let mut buf = vec![0u8; sys::MSG_SIZE * core.options.read_batch.max(1)];
+    // `read_batch` was validated (1..=MAX_READ_BATCH); the clamp keeps the product in range
+    // whatever happens to the options.
+    let batch = core
+        .options
+        .read_batch
+        .clamp(1, crate::watcher::MAX_READ_BATCH);
+    let mut buf = vec![0u8; sys::MSG_SIZE.saturating_mul(batch)];
     let mut prober = Prober::new();
     let timeout = rustix::event::Timespec {
         tv_sec: HEARTBEAT.as_secs() as _,
@@ -153,8 +165,17 @@ pub(crate) fn reader_main(core: Arc<Core>, ready: std::sync::mpsc::Sender<()>) {
     };
     let _ = ready.send(());
     drop(ready);
-    // SAFETY: the descriptor stays open until this thread closes it in `ReaderExit`, after
-    // the loop; nobody else closes it (close_uffd is only called from here).
+    // SAFETY: the number is the userfaultfd's, which only this thread closes (in
+    // `ReaderExit`, after the loop; `close_uffd` is called from nowhere else). Other code in
+    // the process may still close or replace the number behind our back (a stray `close`,
+    // `close_range`, `dup2`): then the number names no file or a stranger's. It is therefore
+    // only ever passed to calls that are harmless on any number (`poll`, `fstat`), and to
+    // `read(2)` only right after `fstat` showed it still names our file (one check per
+    // read); on a mismatch the reader fails closed (`UffdLost`) and forgets the number
+    // without closing it. What remains is the window between that `fstat` and the `read`:
+    // a replacement exactly there is read once, its data decoded as messages, which can only
+    // cause invalidations (more, never less) — never a close, since FORK descriptors are
+    // closed only with fork events on.
     let uffd = unsafe { sys::borrow_raw(core.raw_fd) };
     loop {
         let mut fds = [
@@ -198,6 +219,14 @@ pub(crate) fn reader_main(core: Arc<Core>, ready: std::sync::mpsc::Sender<()>) {
             let batch = core.gate.open_batch();
             let mut first = true;
             loop {
+                // Is the number still our userfaultfd? A stranger's data must never be read as
+                // messages (see the SAFETY comment above).
+                if sys::identity(uffd).ok() != Some(core.identity) {
+                    core.handoff.push(Item::End(batch));
+                    exit.ours = false;
+                    exit.reason = Some(FailReason::UffdLost);
+                    return;
+                }
                 match sys::read_msgs(uffd, &mut buf) {
                     Ok(0) => {
                         // Readable but nothing to read: a userfaultfd answers EAGAIN (0 here)
@@ -219,8 +248,11 @@ pub(crate) fn reader_main(core: Arc<Core>, ready: std::sync::mpsc::Sender<()>) {
                             let msg = sys::decode(&m);
                             if let Msg::Fork { fd } = msg {
                                 // Never leave the child's userfaultfd unread: closing it drops
-                                // the child's registrations and frees any waiter there.
-                                let _ = unsafe_close(fd);
+                                // the child's registrations and frees any waiter there. Only
+                                // with fork events on can the kernel have installed one.
+                                if core.features.fork_events && fd >= 0 {
+                                    let _ = close_fork_fd(fd);
+                                }
                             }
                             let probe = match msg {
                                 Msg::Remove { start, end } => prober.probe(start, end),
@@ -255,9 +287,12 @@ pub(crate) fn reader_main(core: Arc<Core>, ready: std::sync::mpsc::Sender<()>) {
     }
 }
 
-fn unsafe_close(fd: i32) -> io::Result<()> {
-    // SAFETY: `fd` was just installed in our table by the kernel for the FORK message and is
-    // owned by nobody else; closing it once is its only use.
+/// Closes the child userfaultfd a FORK message carried.
+fn close_fork_fd(fd: i32) -> io::Result<()> {
+    // SAFETY: called only with fork events enabled, for a FORK message read from our own
+    // userfaultfd (its identity was checked just before the read): the kernel installed `fd`
+    // in our table for this message, and nobody else knows the number; closing it once is its
+    // only use.
     let r = unsafe { libc::close(fd) };
     if r == 0 {
         Ok(())

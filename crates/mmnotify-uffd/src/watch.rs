@@ -17,12 +17,22 @@
 //!    kernel has no WP_ASYNC; EBUSY when another userfaultfd owns the VMA. A VMA that already
 //!    carried the `uw` flag and registers again without complaint was ours:
 //!    [`WatchOutcome::AlreadyWatched`] (watching twice is harmless and says so).
-//! 5. If nothing could be watched, the call fails with [`Error::NothingWatchable`] listing
+//! 5. **Confirm.** `UFFDIO_REGISTER` accepts holes: if another thread unmapped part of a VMA
+//!    between step 1 and the ioctl, the ioctl succeeds over what is left, and memory mapped
+//!    there afterwards is not registered. So the map is read again *after* the registrations,
+//!    and only the parts of each registered VMA that now lie in a VMA carrying the `uw` flag
+//!    are reported as watched; the rest of it (inside the asked range) is reported as
+//!    [`SkipReason::ChangedDuringWatch`]. Anything unmapped after the ioctl was registered when
+//!    it went, so its UNMAP is delivered; anything mapped after the confirmation is the
+//!    `MAP_FIXED` case below. A report therefore never calls memory watched that no event
+//!    would cover.
+//! 6. If nothing could be watched, the call fails with [`Error::NothingWatchable`] listing
 //!    the reasons; otherwise it returns the [`WatchReport`].
 //!
 //! The memory map is a snapshot, so a concurrent `mmap`/`munmap` by another thread can make a
 //! registration land on a changed layout: registering a range that is no longer mapped is a
-//! reported failure, and a registration that covers only part of a newly merged VMA splits
+//! reported failure (or, for a partial unmap, a [`SkipReason::ChangedDuringWatch`] piece after
+//! the confirmation), and a registration that covers only part of a newly merged VMA splits
 //! it, which is harmless. Memory mapped later at a watched address with `MAP_FIXED` (or
 //! `shmat(SHM_REMAP)`) is a new VMA that the kernel does not register: the UNMAP of the old
 //! memory is delivered, and the owner calls `watch` again for the new one. An `mremap`
@@ -66,6 +76,10 @@ pub enum SkipReason {
         /// Its errno.
         errno: i32,
     },
+    /// The mapping changed while `watch` ran (another thread unmapped or replaced it between
+    /// the read of the memory map and the registration): after registering, the piece is not
+    /// carried by a registered VMA, so it is not watched. Call `watch` again for it.
+    ChangedDuringWatch,
 }
 
 impl fmt::Display for SkipReason {
@@ -92,6 +106,10 @@ impl fmt::Display for SkipReason {
                 f,
                 "the kernel refused to register it: {}",
                 io::Error::from_raw_os_error(*errno)
+            ),
+            SkipReason::ChangedDuringWatch => f.write_str(
+                "the mapping changed while it was being registered, and what is there now is \
+                 not registered (watch it again)",
             ),
         }
     }
@@ -233,6 +251,12 @@ pub(crate) fn register_range(
             });
             continue;
         }
+        #[cfg(feature = "fault-injection")]
+        BEFORE_REGISTER.with(|h| {
+            if let Some(hook) = h.get() {
+                hook(vma.start, vma.end);
+            }
+        });
         match sys::register_wp(fd, vma.start, vma.end - vma.start) {
             Ok(()) => report.watched.push(WatchedVma {
                 start: vma.start,
@@ -257,6 +281,10 @@ pub(crate) fn register_range(
             reason: SkipReason::Hole,
         });
     }
+    if !report.watched.is_empty() {
+        let after = maps::read_self().map_err(|e| Error::syscall("reading /proc/self/smaps", e))?;
+        confirm(&mut report, &after, start, end);
+    }
     if report.watched.is_empty() {
         if report
             .skipped
@@ -274,14 +302,168 @@ pub(crate) fn register_range(
     Ok(report)
 }
 
-/// Unregisters the VMAs overlapping `[start, end)` (whole, as they were registered).
-pub(crate) fn unregister_range(fd: BorrowedFd<'_>, start: u64, end: u64) -> Result<usize> {
-    let vmas = maps::read_self().map_err(|e| Error::syscall("reading /proc/self/smaps", e))?;
-    let mut n = 0;
-    for vma in maps::overlapping(&vmas, start, end) {
-        if vma.uffd_wp && sys::unregister(fd, vma.start, vma.end - vma.start).is_ok() {
-            n += 1;
+/// Step 5 of the module essay: keeps as watched only what `after` (the map read after the
+/// registrations) shows in `uw` VMAs; the rest of each registered VMA, clipped to the asked
+/// `[start, end)`, becomes a [`SkipReason::ChangedDuringWatch`] piece.
+pub(crate) fn confirm(report: &mut WatchReport, after: &[Vma], start: u64, end: u64) {
+    let registered = std::mem::take(&mut report.watched);
+    for w in &registered {
+        let mut cursor = w.start;
+        for v in maps::overlapping(after, w.start, w.end)
+            .iter()
+            .filter(|v| v.uffd_wp)
+        {
+            let lo = v.start.max(w.start);
+            if lo > cursor {
+                push_changed(&mut report.skipped, cursor, lo, start, end);
+            }
+            cursor = cursor.max(v.end.min(w.end));
+            // A VMA merged with a neighbour is reported once, with its current bounds.
+            if report.watched.last().map(|last| last.start) != Some(v.start) {
+                report.watched.push(WatchedVma {
+                    start: v.start,
+                    end: v.end,
+                    outcome: w.outcome.clone(),
+                });
+            }
+        }
+        if cursor < w.end {
+            push_changed(&mut report.skipped, cursor, w.end, start, end);
         }
     }
-    Ok(n)
+    report.skipped.sort_by_key(|s| s.start);
+}
+
+fn push_changed(skipped: &mut Vec<Skipped>, lo: u64, hi: u64, start: u64, end: u64) {
+    let (lo, hi) = (lo.max(start), hi.min(end));
+    if lo < hi {
+        skipped.push(Skipped {
+            start: lo,
+            end: hi,
+            reason: SkipReason::ChangedDuringWatch,
+        });
+    }
+}
+
+/// The test hook's type: called with a VMA's bounds.
+#[cfg(feature = "fault-injection")]
+type RegisterHook = fn(u64, u64);
+
+#[cfg(feature = "fault-injection")]
+thread_local! {
+    static BEFORE_REGISTER: std::cell::Cell<Option<RegisterHook>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Test-only (feature `fault-injection`): on this thread, `watch` calls `hook(vma.start,
+/// vma.end)` right before each `UFFDIO_REGISTER`, so that a test can change the mapping in
+/// the window between the map read and the registration. `None` removes it.
+#[cfg(feature = "fault-injection")]
+pub fn set_before_register_hook(hook: Option<RegisterHook>) {
+    BEFORE_REGISTER.with(|h| h.set(hook));
+}
+
+/// Unregisters the VMAs overlapping `[start, end)` (whole, as they were registered); returns
+/// the `[start, end)` of each VMA unregistered, for the caller's invalidation.
+pub(crate) fn unregister_range(
+    fd: BorrowedFd<'_>,
+    start: u64,
+    end: u64,
+) -> Result<Vec<(u64, u64)>> {
+    let vmas = maps::read_self().map_err(|e| Error::syscall("reading /proc/self/smaps", e))?;
+    let mut gone = Vec::new();
+    for vma in maps::overlapping(&vmas, start, end) {
+        if vma.uffd_wp && sys::unregister(fd, vma.start, vma.end - vma.start).is_ok() {
+            gone.push((vma.start, vma.end));
+        }
+    }
+    Ok(gone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vma(start: u64, end: u64, uw: bool) -> Vma {
+        Vma {
+            start,
+            end,
+            perms: *b"rw-p",
+            offset: 0,
+            dev: "00:00".into(),
+            inode: 0,
+            name: String::new(),
+            uffd_wp: uw,
+        }
+    }
+
+    fn registered(start: u64, end: u64) -> WatchReport {
+        WatchReport {
+            watched: vec![WatchedVma {
+                start,
+                end,
+                outcome: WatchOutcome::Watched,
+            }],
+            skipped: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_piece_that_lost_its_registration_is_reported_changed() {
+        // Registered [0x1000, 0x4000); afterwards the middle page is a new, unregistered VMA.
+        let mut r = registered(0x1000, 0x4000);
+        let after = [
+            vma(0x1000, 0x2000, true),
+            vma(0x2000, 0x3000, false),
+            vma(0x3000, 0x4000, true),
+        ];
+        confirm(&mut r, &after, 0x1000, 0x4000);
+        assert_eq!(
+            r.watched
+                .iter()
+                .map(|w| (w.start, w.end))
+                .collect::<Vec<_>>(),
+            [(0x1000, 0x2000), (0x3000, 0x4000)]
+        );
+        assert_eq!(
+            r.skipped,
+            [Skipped {
+                start: 0x2000,
+                end: 0x3000,
+                reason: SkipReason::ChangedDuringWatch
+            }]
+        );
+        assert!(!r.is_complete());
+    }
+
+    #[test]
+    fn a_hole_after_registration_is_clipped_to_the_asked_range() {
+        // The VMA extended past the asked range; all of it is gone now.
+        let mut r = registered(0x1000, 0x8000);
+        confirm(&mut r, &[], 0x2000, 0x3000);
+        assert!(r.watched.is_empty());
+        assert_eq!(
+            r.skipped,
+            [Skipped {
+                start: 0x2000,
+                end: 0x3000,
+                reason: SkipReason::ChangedDuringWatch
+            }]
+        );
+    }
+
+    #[test]
+    fn an_unchanged_or_merged_registration_stays_watched() {
+        let mut r = registered(0x1000, 0x3000);
+        confirm(&mut r, &[vma(0x0, 0x5000, true)], 0x1000, 0x3000);
+        assert!(r.is_complete());
+        assert_eq!(
+            r.watched,
+            [WatchedVma {
+                start: 0,
+                end: 0x5000,
+                outcome: WatchOutcome::Watched
+            }]
+        );
+    }
 }

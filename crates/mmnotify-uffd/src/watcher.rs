@@ -87,6 +87,48 @@ pub struct WatcherOptions {
     pub remove_settle: Duration,
 }
 
+/// The largest `WatcherOptions::queue_capacity` (about 40 MiB of ring reserved up front).
+pub const MAX_QUEUE_CAPACITY: usize = 1 << 20;
+/// The largest `WatcherOptions::read_batch` (a 128 KiB read buffer).
+pub const MAX_READ_BATCH: usize = 4096;
+/// The longest `WatcherOptions::remove_settle`: each MADV_FREE of present pages holds the
+/// dispatcher this long.
+pub const MAX_REMOVE_SETTLE: Duration = Duration::from_secs(10);
+
+impl WatcherOptions {
+    /// Checks every field against its range.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOptions`] naming the first field out of range and its value:
+    /// `queue_capacity` must be 1..=[`MAX_QUEUE_CAPACITY`], `read_batch`
+    /// 1..=[`MAX_READ_BATCH`], `remove_settle` at most [`MAX_REMOVE_SETTLE`].
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=MAX_QUEUE_CAPACITY).contains(&self.queue_capacity) {
+            return Err(Error::InvalidOptions {
+                field: "queue_capacity",
+                value: self.queue_capacity.to_string(),
+                allowed: "between 1 and 1048576 messages",
+            });
+        }
+        if !(1..=MAX_READ_BATCH).contains(&self.read_batch) {
+            return Err(Error::InvalidOptions {
+                field: "read_batch",
+                value: self.read_batch.to_string(),
+                allowed: "between 1 and 4096 messages",
+            });
+        }
+        if self.remove_settle > MAX_REMOVE_SETTLE {
+            return Err(Error::InvalidOptions {
+                field: "remove_settle",
+                value: format!("{:?}", self.remove_settle),
+                allowed: "at most 10 s",
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Default for WatcherOptions {
     fn default() -> Self {
         WatcherOptions {
@@ -135,8 +177,10 @@ pub struct WatcherStats {
     /// Subscriber callbacks that panicked on the dispatcher (each caught; the watcher goes on).
     pub callback_panics: u64,
     /// REMOVE invalidations ended without the zap having been seen, at the
-    /// `remove_settle` bound (or with no page to probe): only these can leave the residual
-    /// window of U4 (docs/SEMANTICS.md §9). Every MADV_FREE of present pages counts here.
+    /// `remove_settle` bound (or with no page to probe): the residual window of U4
+    /// (docs/SEMANTICS.md §9). Every MADV_FREE of present pages counts here. Not every stale
+    /// entry is counted: when two threads madvise the same pages at once, one's zap can
+    /// confirm the other's REMOVE early (U4).
     pub removes_unconfirmed: u64,
 }
 
@@ -162,6 +206,24 @@ pub enum Fault {
     /// The userfaultfd's descriptor number is closed behind the watcher's back, as a
     /// `close_range` in library code would.
     CloseUffd,
+    /// The userfaultfd's descriptor number is made to name another open file (a `dup2` of
+    /// `with` onto it), as a stray close followed by an unrelated open (a pipe with data in
+    /// it, say) would.
+    ReplaceUffd {
+        /// The descriptor whose file the number names afterwards.
+        with: i32,
+    },
+}
+
+#[cfg(feature = "fault-injection")]
+static FAIL_NEXT_DISPATCHER_SPAWN: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Test-only (feature `fault-injection`): the next watcher creation in this process fails as
+/// if the dispatcher thread could not be spawned (after the reader was started).
+#[cfg(feature = "fault-injection")]
+pub fn fail_next_dispatcher_spawn() {
+    FAIL_NEXT_DISPATCHER_SPAWN.store(true, Ordering::SeqCst);
 }
 
 pub(crate) struct Core {
@@ -274,13 +336,18 @@ impl Watcher {
     ///
     /// # Errors
     ///
-    /// [`Error::OptionsConflict`] if the existing watcher was created with other options;
+    /// [`Error::InvalidOptions`] if a field is out of range (see
+    /// [`WatcherOptions::validate`]); [`Error::OptionsConflict`] if the existing watcher was
+    /// created with other options;
     /// [`Error::ForkEventsNotPermitted`]; and the errors of [`Watcher::get`].
     pub fn with_options(options: WatcherOptions) -> Result<Watcher> {
         Self::obtain(Some(options))
     }
 
     fn obtain(options: Option<WatcherOptions>) -> Result<Watcher> {
+        if let Some(o) = &options {
+            o.validate()?;
+        }
         let mut slot = PROCESS_WATCHER.lock();
         if let Some(handle) = slot.as_ref().and_then(Weak::upgrade) {
             match handle.core.gate.health() {
@@ -373,22 +440,43 @@ impl Watcher {
         let end = watch::validate(addr, len)?;
         self.core().gate.check()?;
         let uffd = self.core().uffd.read();
-        let fd = uffd.as_ref().ok_or(Error::ShutDown)?;
-        watch::register_range(fd.as_fd(), addr, end, self.core().features.wp_async)
+        let fd = self.core().own_uffd(&uffd)?;
+        watch::register_range(fd, addr, end, self.core().features.wp_async)
     }
 
     /// Stops watching the VMAs overlapping `[addr, addr + len)` (whole VMAs, as they were
     /// registered); returns how many were unregistered.
     ///
+    /// A VMA may be shared by several users (mirrors of other ranges in it), and after the
+    /// unregistration the kernel reports nothing more about any of it. So every unregistered
+    /// VMA is then invalidated, whole, on the watcher's `Mm` (`Event::Unmap`, from the calling
+    /// thread, every callback done before this returns): every mirror of that memory drops it
+    /// (more invalidation than needed, never less; docs/SEMANTICS.md U9).
+    ///
     /// # Errors
     ///
-    /// The input errors of [`Watcher::watch`] and the fail-closed errors.
+    /// The input errors of [`Watcher::watch`]; [`Error::InDispatcher`] from a subscriber
+    /// callback (the invalidation would run callbacks from inside one); the engine's refusal
+    /// of the invalidation; and the fail-closed errors.
     pub fn unwatch(&self, addr: u64, len: u64) -> Result<usize> {
         let end = watch::validate(addr, len)?;
+        if gate::on_dispatcher_thread() {
+            return Err(Error::InDispatcher { op: "unwatch" });
+        }
         self.core().gate.check()?;
-        let uffd = self.core().uffd.read();
-        let fd = uffd.as_ref().ok_or(Error::ShutDown)?;
-        watch::unregister_range(fd.as_fd(), addr, end)
+        let gone = {
+            let uffd = self.core().uffd.read();
+            let fd = self.core().own_uffd(&uffd)?;
+            watch::unregister_range(fd, addr, end)?
+        };
+        for &(start, end) in &gone {
+            let range = Range::new(start, end)?;
+            self.core()
+                .mm
+                .invalidate_start(range, mmnotify::Event::Unmap)?
+                .end();
+        }
+        Ok(gone.len())
     }
 
     /// Inserts an interval subscription over `range` on the watcher's `Mm`, and
@@ -476,6 +564,12 @@ impl Watcher {
                     unsafe { libc::dup2(null.as_raw_fd(), self.core().raw_fd) };
                 }
             }
+            Fault::ReplaceUffd { with } => {
+                // SAFETY: as for `CloseUffd`: the number is ours, and the reader forgets
+                // (never closes) it once it notices the file is not its own. `with` stays
+                // the caller's.
+                unsafe { libc::dup2(with, self.core().raw_fd) };
+            }
         }
     }
 
@@ -486,6 +580,7 @@ impl Watcher {
 
 impl Core {
     fn create(options: WatcherOptions) -> Result<Arc<Core>> {
+        options.validate()?;
         let probe = sys::create().map_err(creation_error)?;
         let supported = sys::api(probe.as_fd(), 0).map_err(|e| Error::Syscall {
             call: "UFFDIO_API",
@@ -585,10 +680,30 @@ impl Core {
             .spawn(move || reader_main(reader_core, ready_tx))
             .map_err(|e| Error::syscall("spawning the reader thread", e))?;
         let dispatcher_core = Arc::clone(&core);
-        let dispatcher = thread::Builder::new()
-            .name("mmnotify-uffd-dispatch".into())
-            .spawn(move || dispatcher_main(dispatcher_core))
-            .map_err(|e| Error::syscall("spawning the dispatcher thread", e))?;
+        #[cfg(feature = "fault-injection")]
+        let injected = FAIL_NEXT_DISPATCHER_SPAWN.swap(false, Ordering::SeqCst);
+        #[cfg(not(feature = "fault-injection"))]
+        let injected = false;
+        let spawned = if injected {
+            drop(dispatcher_core);
+            Err(io::Error::other("fault injection: no dispatcher thread"))
+        } else {
+            thread::Builder::new()
+                .name("mmnotify-uffd-dispatch".into())
+                .spawn(move || dispatcher_main(dispatcher_core))
+        };
+        let dispatcher = match spawned {
+            Ok(handle) => handle,
+            Err(e) => {
+                // The reader is running with the gate open for business: stop it as a shutdown
+                // would (it closes the userfaultfd on its way out) and join it, so that neither
+                // the thread nor the descriptors outlive this failed creation.
+                core.gate.shut_down();
+                core.poke();
+                let _ = reader.join();
+                return Err(Error::syscall("spawning the dispatcher thread", e));
+            }
+        };
         let _ = ready_rx.recv_timeout(Duration::from_secs(10));
         core.threads.lock().extend([reader, dispatcher]);
         tracing::debug!(target: "mmnotify_uffd", fd = raw_fd, supported, enabled, "watcher created");
@@ -619,12 +734,29 @@ impl Core {
         }
     }
 
+    /// The userfaultfd, for an ioctl, if its number still names our file: registering on a
+    /// number someone replaced behind our back would send our ioctl to a stranger's file.
+    fn own_uffd<'a>(&self, slot: &'a Option<OwnedFd>) -> Result<std::os::fd::BorrowedFd<'a>> {
+        let Some(fd) = slot.as_ref().map(AsFd::as_fd) else {
+            // The reader closed it: say why (failed or shut down).
+            self.gate.check()?;
+            return Err(Error::ShutDown);
+        };
+        if sys::identity(fd).ok() != Some(self.identity) {
+            return Err(Error::Failed {
+                reason: crate::error::FailReason::UffdLost,
+            });
+        }
+        Ok(fd)
+    }
+
     /// Closes the userfaultfd: unregisters everything and releases every waiting unmapper.
-    /// When the number no longer names our file, it is forgotten, not closed.
+    /// When the number no longer names our file (the caller noticed, or the identity checked
+    /// here under the write lock differs), it is forgotten, not closed: it is someone else's.
     pub(crate) fn close_uffd(&self, ours: bool) {
         let mut slot = self.uffd.write();
         if let Some(fd) = slot.take() {
-            if ours {
+            if ours && sys::identity(fd.as_fd()).ok() == Some(self.identity) {
                 drop(fd);
             } else {
                 std::mem::forget(fd);

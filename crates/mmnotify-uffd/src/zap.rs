@@ -11,8 +11,13 @@
 //!
 //! 1. [`Prober::probe`], in the reader right after `read(2)` returned the message (the
 //!    madvising thread was only just woken by that read): one page of the range that is
-//!    present, with its frame where visible. If none is, the first page is made present by a
-//!    read populate, which changes no contents, so that the zap has something to clear.
+//!    present, with its frame where visible. If none is, the reader notes the first page as
+//!    *unprobed* and goes on: making it present (a read populate, which changes no contents,
+//!    so that the zap has something to clear) can do I/O on file or shmem memory, and the
+//!    reader never waits (U2). The dispatcher does it, [`complete_probe`], first thing when it
+//!    takes the message, before the invalidation starts. If the zap was already over by then,
+//!    the populated page stays, the wait below runs to its bound and is counted unconfirmed:
+//!    slower, never less safe.
 //! 2. [`wait_for_zap`], in the dispatcher with the invalidation started: poll
 //!    `/proc/self/pagemap` until that page is gone or backed by another frame: the madvising
 //!    thread then holds `mmap_lock` for reading (or has finished), because it clears pages only
@@ -55,6 +60,9 @@ const PFN_MASK: u64 = (1 << 55) - 1;
 pub(crate) struct ZapProbe {
     page: u64,
     pfn: u64,
+    /// `false`: no page of the range was present when the reader looked; the dispatcher
+    /// populates `page` ([`complete_probe`]) before waiting on it.
+    present: bool,
 }
 
 /// The reader's tool for taking a [`ZapProbe`] right after `read(2)` returned a REMOVE, before
@@ -87,38 +95,68 @@ impl Prober {
             (e & PRESENT != 0).then_some(ZapProbe {
                 page: start + i as u64 * ps,
                 pfn: e & PFN_MASK,
+                present: true,
             })
         })
     }
 
-    /// A present page of `[start, end)`. If none is present, the first page is made present
-    /// without changing its contents (a read populate maps the zero page or the file's page),
-    /// so that the zap has something to clear.
+    /// A present page of `[start, end)`; if none is, the first page, unprobed (the dispatcher
+    /// makes it present: [`complete_probe`]). Reads `/proc/self/pagemap` only, which never
+    /// blocks on I/O; the reader must not populate (file or shmem memory may need I/O).
     pub(crate) fn probe(&mut self, start: u64, end: u64) -> Option<ZapProbe> {
         let ps = sys::page_size();
         let pages = (end.saturating_sub(start) / ps).min(PROBE_PAGES as u64) as usize;
         if pages == 0 {
             return None;
         }
-        if let Some(p) = self.first_present(start, pages) {
-            return Some(p);
-        }
-        const MADV_POPULATE_READ: i32 = 22;
-        // SAFETY: populating for reading changes no contents; on a hole it fails harmlessly.
-        unsafe { libc::madvise(start as *mut libc::c_void, ps as usize, MADV_POPULATE_READ) };
-        self.first_present(start, 1)
+        // Without pagemap there is nothing to probe with.
+        self.pagemap.as_ref()?;
+        Some(self.first_present(start, pages).unwrap_or(ZapProbe {
+            page: start,
+            pfn: 0,
+            present: false,
+        }))
     }
+}
+
+/// On the dispatcher, before a REMOVE's invalidation starts: an unprobed page is made present
+/// without changing its contents (a read populate maps the zero page or the file's page; it may
+/// do I/O, which the dispatcher may wait for), so that the zap has something to clear. `None`
+/// if it cannot be made present (a hole, a guard page, a mapping without read access).
+pub(crate) fn complete_probe(probe: Option<ZapProbe>) -> Option<ZapProbe> {
+    let probe = probe?;
+    if probe.present {
+        return Some(probe);
+    }
+    const MADV_POPULATE_READ: i32 = 22;
+    // SAFETY: populating for reading changes no contents; on a hole it fails harmlessly.
+    unsafe {
+        libc::madvise(
+            probe.page as *mut libc::c_void,
+            sys::page_size() as usize,
+            MADV_POPULATE_READ,
+        )
+    };
+    let e = crate::pagemap::entry(probe.page).ok()?;
+    e.present().then(|| ZapProbe {
+        page: probe.page,
+        pfn: e.pfn().unwrap_or(0),
+        present: true,
+    })
 }
 
 /// Waits (at most `bound`) until the probed page is gone or backed by another frame; returns
 /// whether it was seen. MADV_FREE leaves pages mapped, so it runs to the bound; nothing can
 /// go stale there until reclaim (a blind spot of its own).
 pub(crate) fn wait_for_zap(probe: Option<ZapProbe>, bound: Duration) -> bool {
-    let Some(probe) = probe else {
+    let Some(probe) = probe.filter(|p| p.present) else {
         return false;
     };
     let begun = Instant::now();
-    let deadline = begun + bound;
+    // `bound` was validated (at most MAX_REMOVE_SETTLE); checked anyway, never a panic.
+    let deadline = begun
+        .checked_add(bound.min(crate::watcher::MAX_REMOVE_SETTLE))
+        .unwrap_or(begun);
     loop {
         match crate::pagemap::entry(probe.page) {
             Ok(e) => {
@@ -180,5 +218,52 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         // SAFETY: the page was mapped by `Scratch::new` and nothing else refers to it.
         unsafe { libc::munmap(self.0 as *mut libc::c_void, sys::page_size() as usize) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unbounded_settle_is_clamped_not_a_panic() {
+        // Page 1 is never mapped: the probe is gone at the first look, after the deadline was
+        // computed from `Duration::MAX`.
+        let probe = ZapProbe {
+            page: sys::page_size(),
+            pfn: 0,
+            present: true,
+        };
+        assert!(wait_for_zap(Some(probe), Duration::MAX));
+    }
+
+    /// A fresh private anonymous mapping of one page, never touched.
+    fn untouched_page() -> u64 {
+        // SAFETY: a fresh mapping at an address of the kernel's choosing.
+        let p = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                sys::page_size() as usize,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::PRIVATE,
+            )
+        }
+        .unwrap();
+        p as u64
+    }
+
+    #[test]
+    fn the_reader_never_populates_and_the_dispatcher_does() {
+        let page = untouched_page();
+        let mut prober = Prober::new();
+        let probe = prober.probe(page, page + sys::page_size()).unwrap();
+        assert!(!probe.present);
+        // The reader's probe left the page as it was (a populate could block on I/O).
+        assert!(!crate::pagemap::entry(page).unwrap().present());
+        let done = complete_probe(Some(probe)).expect("a mapped page can be populated");
+        assert!(done.present && done.page == page);
+        assert!(crate::pagemap::entry(page).unwrap().present());
+        // SAFETY: the test's own page.
+        unsafe { libc::munmap(page as *mut libc::c_void, sys::page_size() as usize) };
     }
 }

@@ -228,9 +228,16 @@ struct Misuser {
 }
 
 impl IntervalSubscriber for Misuser {
-    fn invalidate(&self, ctx: &IntervalCtx<'_>, _inv: &Invalidation) -> Invalidate {
+    fn invalidate(&self, ctx: &IntervalCtx<'_>, inv: &Invalidation) -> Invalidate {
         ctx.set_seq();
         let mut r = self.results.lock().unwrap();
+        // `unwatch` invalidates what it unregistered: from a callback that would run
+        // callbacks inside one.
+        let page = inv.range().start() & !(ps() as u64 - 1);
+        r.push(match self.watcher.unwatch(page, ps() as u64) {
+            Err(Error::InDispatcher { op }) => format!("refused {op}"),
+            other => format!("unexpected {other:?}"),
+        });
         if let Some(iv) = self.iv.lock().unwrap().as_ref() {
             r.push(match iv.read_begin() {
                 Err(Error::InDispatcher { op }) => format!("refused {op}"),
@@ -269,10 +276,14 @@ fn blocking_calls_from_a_callback_are_refused_not_hung() {
     );
     w.synchronize(LIMIT).unwrap();
     let r = sub.results.lock().unwrap().clone();
-    assert!(r.len() >= 2, "{r:?}");
+    assert!(r.len() >= 3, "{r:?}");
     assert!(
-        r.chunks(2)
-            .all(|c| c == ["refused read_begin", "refused synchronize"]),
+        r.chunks(3).all(|c| c
+            == [
+                "refused unwatch",
+                "refused read_begin",
+                "refused synchronize"
+            ]),
         "{r:?}"
     );
     // Break the cycle subscriber -> interval handle.

@@ -83,6 +83,12 @@ fn a_closed_userfaultfd_fails_closed() {
 }
 
 #[test]
+fn a_userfaultfd_replaced_by_a_stranger_is_never_read_and_fails_closed() {
+    let (ok, out) = run_child("child_entry", "replaced_uffd", LIMIT, false);
+    assert!(ok && out.contains("ROLE-OK"), "{out}");
+}
+
+#[test]
 fn a_forked_child_can_build_a_watcher_of_its_own() {
     let (ok, out) = run_child("child_entry", "child_watcher", LIMIT, false);
     assert!(ok && out.contains("ROLE-OK"), "{out}");
@@ -186,6 +192,45 @@ fn role_close_uffd() {
     failed_watcher_checks(&w, &r, seq, FailReason::UffdLost);
 }
 
+fn role_replaced_uffd() {
+    use std::os::fd::IntoRawFd;
+    let w = Watcher::get().unwrap();
+    assert!(!w.features().fork_events);
+    let r = mirror_region(&w, map_anon(2) as u64, 2);
+    let seq = r.iv.read_begin().unwrap();
+    // A descriptor of ours that a misread "FORK" message would name.
+    let victim = std::fs::File::open("/dev/null").unwrap().into_raw_fd();
+    // A pipe holding one userfaultfd-message-sized record that decodes as FORK of `victim`
+    // (UFFD_EVENT_FORK is 0x13; the child descriptor is the u32 at offset 8).
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let mut msg = [0u8; 32];
+    msg[0] = 0x13;
+    msg[8..12].copy_from_slice(&(victim as u32).to_ne_bytes());
+    // SAFETY: writing our buffer to the pipe we just made.
+    let n = unsafe { libc::write(fds[1], msg.as_ptr().cast(), msg.len()) };
+    assert_eq!(n, 32);
+    w.inject_fault(mmnotify_uffd::Fault::ReplaceUffd { with: fds[0] });
+    // No ioctl goes to the stranger's file, even before the reader noticed.
+    assert!(matches!(
+        w.watch(r.addr, ps() as u64),
+        Err(Error::Failed {
+            reason: FailReason::UffdLost
+        })
+    ));
+    wait_health(&w, Health::Failed(FailReason::UffdLost));
+    // The stranger's data was not taken for a message: nothing of ours was closed.
+    // SAFETY: F_GETFD only asks whether the number is open.
+    let flags = unsafe { libc::fcntl(victim, libc::F_GETFD) };
+    assert_ne!(
+        flags, -1,
+        "the reader closed a descriptor named by a stranger's data"
+    );
+    assert_eq!(w.stats().forks, 0, "{:?}", w.stats());
+    failed_watcher_checks(&w, &r, seq, FailReason::UffdLost);
+}
+
 fn role_fork_events() {
     let w = Watcher::with_options(WatcherOptions {
         fork_events: ForkEvents::Required,
@@ -215,6 +260,7 @@ fn child_entry() {
     match role().as_deref() {
         Some("kill_reader") => role_kill_reader(),
         Some("close_uffd") => role_close_uffd(),
+        Some("replaced_uffd") => role_replaced_uffd(),
         Some("fork_events") => role_fork_events(),
         Some("child_watcher") => role_child_watcher(),
         other => panic!("child_entry needs MMNOTIFY_UFFD_ROLE, got {other:?}"),

@@ -266,6 +266,139 @@ fn watching_a_sub_range_splits_no_vma() {
     assert!(after[0].start <= p && after[0].end >= end);
 }
 
+/// Runs on the watching thread between the map read and `UFFDIO_REGISTER`: unmaps the middle
+/// page of the three-page VMA, as another thread could.
+fn unmap_the_middle_page(start: u64, end: u64) {
+    if end - start == 3 * ps() as u64 {
+        // SAFETY: the test owns the region (the hook fires only on the test's thread).
+        let r = unsafe { libc::munmap((start + ps() as u64) as *mut c_void, ps()) };
+        assert_eq!(r, 0);
+    }
+}
+
+#[test]
+fn memory_changed_between_the_map_read_and_the_registration_is_not_reported_watched() {
+    let _serial = serial();
+    let w = watcher();
+    let p = map_anon(3) as u64;
+    let ps = ps() as u64;
+    mmnotify_uffd::set_before_register_hook(Some(unmap_the_middle_page));
+    let report = w.watch(p, 3 * ps);
+    mmnotify_uffd::set_before_register_hook(None);
+    let report = report.expect("the outer pages are watched");
+    // New memory at the hole, mapped after the registration: the kernel did not register it.
+    map_with(
+        1,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+        -1,
+        (p + ps) as usize,
+    );
+    let now = maps::read_self().unwrap();
+    let middle = maps::overlapping(&now, p + ps, p + 2 * ps);
+    assert!(middle.iter().all(|v| !v.uffd_wp), "{middle:?}");
+    assert!(
+        report
+            .watched
+            .iter()
+            .all(|v| v.end <= p + ps || v.start >= p + 2 * ps),
+        "the middle page is reported watched: {report:?}"
+    );
+    assert!(
+        report.skipped.iter().any(|s| s.start == p + ps
+            && s.end == p + 2 * ps
+            && s.reason == SkipReason::ChangedDuringWatch),
+        "{report:?}"
+    );
+    assert!(!report.is_complete());
+    // SAFETY: the test owns the region.
+    let r = unsafe { libc::munmap(p as *mut c_void, 3 * ps as usize) };
+    assert_eq!(r, 0);
+    w.synchronize(Duration::from_secs(10)).unwrap();
+}
+
+#[test]
+fn options_out_of_range_are_typed_errors_naming_the_field() {
+    let d = WatcherOptions::default();
+    for (bad, field) in [
+        (
+            WatcherOptions {
+                remove_settle: Duration::MAX,
+                ..d
+            },
+            "remove_settle",
+        ),
+        (
+            WatcherOptions {
+                queue_capacity: usize::MAX - 1,
+                ..d
+            },
+            "queue_capacity",
+        ),
+        (
+            WatcherOptions {
+                queue_capacity: 0,
+                ..d
+            },
+            "queue_capacity",
+        ),
+        (
+            WatcherOptions {
+                read_batch: usize::MAX / 2,
+                ..d
+            },
+            "read_batch",
+        ),
+        (WatcherOptions { read_batch: 0, ..d }, "read_batch"),
+    ] {
+        match Watcher::with_options(bad) {
+            Err(e @ Error::InvalidOptions { field: f, .. }) => {
+                assert_eq!(f, field);
+                assert!(e.to_string().contains(field), "{e}");
+            }
+            other => panic!("{field}: expected InvalidOptions, got {other:?}"),
+        }
+    }
+    assert!(d.validate().is_ok());
+    let edge = WatcherOptions {
+        remove_settle: mmnotify_uffd::MAX_REMOVE_SETTLE,
+        queue_capacity: mmnotify_uffd::MAX_QUEUE_CAPACITY,
+        read_batch: mmnotify_uffd::MAX_READ_BATCH,
+        ..d
+    };
+    assert!(edge.validate().is_ok());
+}
+
+#[test]
+fn unwatch_invalidates_every_mirror_of_the_unregistered_vma() {
+    let _serial = serial();
+    let w = watcher();
+    let ps = ps() as u64;
+    // One VMA of two pages; `r` mirrors all of it, `other` only its second page.
+    let r = mirror_region(&w, map_anon(2) as u64, 2);
+    let other = Arc::new(Mirror::default());
+    let other_iv = w
+        .insert_interval(Range::from_len(r.addr + ps, ps).unwrap(), other.clone())
+        .unwrap();
+    assert!(other.fill(&other_iv, r.addr + ps, 1));
+    r.mirror.clear_events();
+    // Unwatching the first page unregisters the whole VMA: the second page is blind now, so
+    // its mirror must drop it too.
+    assert_eq!(w.unwatch(r.addr, ps).unwrap(), 1);
+    // (The VMA may have merged with a neighbouring mapping: the invalidation covers it whole.)
+    let covers = |ev: Vec<(u64, u64, Event)>| {
+        ev.iter()
+            .any(|&(s, e, k)| s <= r.addr && e >= r.addr + 2 * ps && k == Event::Unmap)
+    };
+    assert!(covers(other.events()), "{:?}", other.events());
+    assert!(covers(r.mirror.events()), "{:?}", r.mirror.events());
+    assert_eq!((other.len(), r.mirror.len()), (0, 0));
+    w.remove_interval(&other_iv).unwrap();
+    w.remove_interval(&r.iv).unwrap();
+    // SAFETY: the test owns the region.
+    let rc = unsafe { libc::munmap(r.ptr(), r.len()) };
+    assert_eq!(rc, 0);
+}
+
 #[test]
 fn unwatch_unregisters_whole_vmas_and_stops_the_events() {
     let _serial = serial();
@@ -363,6 +496,12 @@ fn shutdown_leaks_no_thread_or_descriptor_and_later_use_is_refused() {
 }
 
 #[test]
+fn a_failed_dispatcher_spawn_leaks_no_reader_or_descriptor() {
+    let (ok, out) = run_child("child_entry", "dispatcher_spawn_fails", LIMIT, false);
+    assert!(ok && out.contains("ROLE-OK"), "{out}");
+}
+
+#[test]
 fn shutdown_from_a_callback_does_not_deadlock() {
     let (ok, out) = run_child("child_entry", "from_callback", LIMIT, false);
     assert!(ok && out.contains("ROLE-OK"), "{out}");
@@ -387,6 +526,31 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+fn role_dispatcher_spawn_fails() {
+    let _ = mmnotify_uffd::pagemap::frame(map_anon(1) as u64).unwrap();
+    let threads = count("/proc/self/task");
+    let fds = count("/proc/self/fd");
+    mmnotify_uffd::fail_next_dispatcher_spawn();
+    match Watcher::get() {
+        Err(Error::Syscall { call, .. }) => assert_eq!(call, "spawning the dispatcher thread"),
+        other => panic!("expected the injected spawn failure, got {other:?}"),
+    }
+    assert_eq!(count("/proc/self/task"), threads, "the reader was joined");
+    assert_eq!(
+        count("/proc/self/fd"),
+        fds,
+        "the userfaultfd and eventfd were closed"
+    );
+    // Nothing half-built stays behind: the next creation works.
+    let w = Watcher::get().unwrap();
+    assert_eq!(w.health(), Health::Running);
+    let r = mirror_region(&w, map_anon(1) as u64, 1);
+    // SAFETY: the role's own region.
+    assert_eq!(unsafe { libc::munmap(r.ptr(), r.len()) }, 0);
+    r.sync(&w);
+    assert_eq!(r.mirror.len(), 0);
 }
 
 fn role_no_leak() {
@@ -532,6 +696,7 @@ fn role_during_unmaps() {
 fn child_entry() {
     match role().as_deref() {
         Some("no_leak") => role_no_leak(),
+        Some("dispatcher_spawn_fails") => role_dispatcher_spawn_fails(),
         Some("from_callback") => role_from_callback(),
         Some("during_unmaps") => role_during_unmaps(),
         Some("overflow") => role_overflow(),
