@@ -231,6 +231,21 @@ pub(crate) struct Shared<R: Registrar> {
 }
 
 impl<R: Registrar> Shared<R> {
+    /// Whether this process is a fork of the one that built the cache's watcher (the
+    /// watcher's fork probe: one load, no lock). A forked child must not take the cache's
+    /// locks (a parent thread may have held one at the fork, and nobody will release it), wait
+    /// for an epoch or a reader (the parent thread in it does not exist here), nor call the
+    /// registrar (an inherited io_uring is the *parent's* ring: deregistering in the child
+    /// would empty the parent's fixed-buffer slots). A plain `Mm` source has no fork notion:
+    /// `false` (see SEMANTICS R9).
+    #[inline]
+    pub(crate) fn forked(&self) -> bool {
+        match &self.source {
+            EventSource::Watcher(w) => w.health() == mmnotify_uffd::Health::Forked,
+            EventSource::Mm(_) => false,
+        }
+    }
+
     fn read(&self) -> BrReadGuard<'_, Index<R::Handle>> {
         self.index.read()
     }
@@ -313,6 +328,9 @@ impl<R: Registrar> Shared<R> {
     }
 
     fn flush(&self) {
+        if self.forked() {
+            return;
+        }
         if !self.garbage_hint.swap(false, Ordering::Acquire) {
             return;
         }
@@ -324,6 +342,10 @@ impl<R: Registrar> Shared<R> {
 
     /// A holder's put.
     pub(crate) fn put(&self, region: &Region<R::Handle>) {
+        if self.forked() {
+            // Leaked: the registration belongs to the parent's registrar.
+            return;
+        }
         if self.limited {
             // Exact LRU order costs one shared increment per put: paid only when a limit can
             // make the cache evict.
@@ -339,6 +361,9 @@ impl<R: Registrar> Shared<R> {
 
     /// The put of an uncached registration.
     pub(crate) fn put_uncached(&self, handle: &R::Handle, range: PageRange) {
+        if self.forked() {
+            return;
+        }
         self.release_registration(handle, range);
     }
 
@@ -457,6 +482,10 @@ impl<R: Registrar> Cache<R> {
     /// [`Error::Unstable`], and the source's errors ([`Error::Watcher`] when the watcher cannot
     /// vouch for the memory any more: shut down, failed, forked).
     pub fn get(&self, addr: u64, len: u64, access: Access) -> Result<RegionGuard<'_, R>> {
+        if self.shared.forked() {
+            // Before any lock, registrar or engine call (see `Shared::forked`).
+            return Err(Error::Watcher(mmnotify_uffd::Error::Forked));
+        }
         let want = PageRange::covering(addr, len)?;
         if self.shared.garbage_hint.load(Ordering::Relaxed) {
             self.shared.flush();
@@ -759,12 +788,18 @@ impl<R: Registrar> Cache<R> {
     }
 
     /// Deregisters the regions invalidated while unused (normally done by the next `get`).
+    /// In a forked child (watcher source), does nothing: the registrations are the parent's.
     pub fn flush(&self) {
         self.shared.flush();
     }
 
-    /// Evicts every unused region (and flushes); returns how many were evicted.
+    /// Evicts every unused region (and flushes); returns how many were evicted. In a forked
+    /// child (watcher source), evicts nothing and returns 0: the registrations are the
+    /// parent's.
     pub fn purge(&self) -> usize {
+        if self.shared.forked() {
+            return 0;
+        }
         let mut victims = Vec::new();
         {
             let mut index = self.shared.write();
@@ -834,7 +869,16 @@ impl<R: Registrar> Drop for Cache<R> {
     /// Deregisters every registration: no guard can outlive the cache (they borrow it), so
     /// every region is unused; its interval is removed and waited for first, so no
     /// invalidation callback can still be queueing it.
+    ///
+    /// In a forked child (watcher source) everything is leaked instead: no lock, no wait, no
+    /// registrar or engine call (see `Shared::forked`); the parent's registrations stay intact.
     fn drop(&mut self) {
+        if self.shared.forked() {
+            // Keep `Shared` alive forever, so neither the registrar (the parent's ring), nor
+            // the regions' intervals, nor the watcher handle run their own drops here.
+            std::mem::forget(Arc::clone(&self.shared));
+            return;
+        }
         let linked: Vec<RegionRef<R>> = {
             let mut index = self.shared.write();
             let all: Vec<_> = index.map.values().cloned().collect();
