@@ -603,7 +603,16 @@ impl<R: Registrar> Cache<R> {
                     }
                 }
             }
-            // 4. Register with no lock held.
+            // 4. Register with no lock held; under ValidateFrames, between two snapshots of
+            //    the frames. Recording them only after registering would let a hole punch and
+            //    refault in between pin frame X and record frame Y: every later hit would
+            //    validate, and be stale. Equal snapshots mean the frames stayed put while the
+            //    registrar pinned them (see R8 for the one interleaving this cannot exclude).
+            let before = if validate {
+                FrameSnapshot::take(target)
+            } else {
+                None
+            };
             let handle = match shared.register(target, target_access) {
                 Ok(h) => h,
                 Err(e) => {
@@ -612,7 +621,27 @@ impl<R: Registrar> Cache<R> {
                 }
             };
             let frames = if validate {
-                FrameSnapshot::take(target)
+                let after = FrameSnapshot::take(target);
+                match (before, blind.clone()) {
+                    (Some(before), _) if after.as_ref() == Some(&before) => Some(before),
+                    (_, Some(reason)) => {
+                        // A page was not present before registering (first touch), or the
+                        // frames moved while registering: which ones are pinned is unknown, so
+                        // the registration cannot be validated later. It serves this use only.
+                        interval.remove_deferred();
+                        Counters::bump(&shared.counters.misses);
+                        Counters::bump(&shared.counters.blind_uncached);
+                        return Ok(RegionGuard::uncached(
+                            self,
+                            target,
+                            target_access,
+                            handle,
+                            reason,
+                        ));
+                    }
+                    // INVARIANT: `validate` is only set for blind memory.
+                    (_, None) => None,
+                }
             } else {
                 None
             };
@@ -631,14 +660,6 @@ impl<R: Registrar> Cache<R> {
                 on_invalidate: Mutex::new(Vec::new()),
             });
             let _ = watch.region.set(Arc::downgrade(&region));
-            if validate && region.frames.is_none() {
-                // Frames could not be recorded (a page not present): not cacheable.
-                region.mark_invalid();
-                shared.release_internal(&region);
-                if let Some(reason) = blind {
-                    return self.uncached(want, access, reason);
-                }
-            }
             // 5. Commit under the lock the invalidation callback takes around set_seq.
             let mut victims = Vec::new();
             let outcome = {
