@@ -889,7 +889,10 @@ enum Commit {
 impl<R: Registrar> Drop for Cache<R> {
     /// Deregisters every registration: no guard can outlive the cache (they borrow it), so
     /// every region is unused; its interval is removed and waited for first, so no
-    /// invalidation callback can still be queueing it.
+    /// invalidation callback can still be queueing it. Dropped inside an invalidation callback
+    /// (where waiting would deadlock), the intervals are removed at the end of the current
+    /// epoch instead, and with the watcher as source the subscriber that forgets watched VMAs
+    /// stays registered (the engine has no deferred unregister; it holds only that set).
     ///
     /// In a forked child (watcher source) everything is leaked instead: no lock, no wait, no
     /// registrar or engine call (see `Shared::forked`); the parent's registrations stay intact.
@@ -913,7 +916,11 @@ impl<R: Registrar> Drop for Cache<R> {
             .filter(|r| r.mark_invalid() & INVALID == 0)
             .collect();
         for r in &mine {
-            r.interval.remove_and_wait();
+            // From an invalidation callback (a subscriber that drops the cache) waiting would
+            // deadlock: the interval is then removed at the end of the epoch. Releasing the
+            // registration at once is still safe: a callback of it that runs later in this
+            // epoch finds the cache gone (its weak reference fails) and only sets the sequence.
+            let _waited = r.interval.remove_and_wait();
         }
         for r in &mine {
             self.shared.release_registration(&r.handle, r.range);

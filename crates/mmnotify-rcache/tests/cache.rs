@@ -279,3 +279,44 @@ fn drop_deregisters_everything_exactly_once() {
     assert_eq!(ledger.double.load(Ordering::SeqCst), 0);
     assert_eq!(mm.interval_state().indexed, 0);
 }
+
+/// An interval subscriber that drops the cache from its invalidation callback.
+struct DropsTheCache(std::sync::Mutex<Option<Cache<Arc<Ledger>>>>);
+
+impl mmnotify::IntervalSubscriber for DropsTheCache {
+    fn invalidate(
+        &self,
+        ctx: &mmnotify::IntervalCtx<'_>,
+        _inv: &mmnotify::Invalidation,
+    ) -> mmnotify::Invalidate {
+        ctx.set_seq();
+        drop(self.0.lock().unwrap().take());
+        mmnotify::Invalidate::Done
+    }
+}
+
+#[test]
+fn a_cache_dropped_inside_an_invalidation_callback_removes_its_intervals_all_the_same() {
+    bounded(Duration::from_secs(30), || {
+        let (mm, ledger, cache) = cache(Config::default().merge(false));
+        for i in 0..3 {
+            drop(cache.get(BASE + i * 2 * P, P, Access::READ).unwrap());
+        }
+        assert_eq!(mm.interval_state().indexed, 3);
+        let dropper = Arc::new(DropsTheCache(std::sync::Mutex::new(Some(cache))));
+        let elsewhere = Range::from_len(BASE + 100 * P, P).unwrap();
+        let handle = mm.insert_interval(elsewhere, dropper.clone()).unwrap();
+        unmap(&mm, BASE + 100 * P, P);
+        assert!(dropper.0.lock().unwrap().is_none(), "the callback ran");
+        assert_eq!(ledger.registered.load(Ordering::SeqCst), 3);
+        assert_eq!(ledger.deregistered.load(Ordering::SeqCst), 3);
+        assert_eq!(ledger.double.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            mm.interval_state().indexed,
+            1,
+            "only the dropper's interval is left: {:?}",
+            mm.interval_state()
+        );
+        mm.remove_interval(&handle).unwrap();
+    });
+}
