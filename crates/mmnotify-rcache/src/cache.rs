@@ -757,7 +757,9 @@ impl<R: Registrar> Cache<R> {
     }
 
     /// Evicts unused regions, least recently used first, until `region` fits; under the
-    /// index's write lock.
+    /// index's write lock. Nothing is evicted unless evicting makes room: the victims are
+    /// chosen first, and if every unused region together cannot free enough, the result is
+    /// [`Error::Full`] with the cache untouched.
     fn make_room(
         &self,
         index: &mut Index<R::Handle>,
@@ -766,9 +768,10 @@ impl<R: Registrar> Cache<R> {
     ) -> Result<()> {
         let config = &self.shared.config;
         let len = region.range.len();
-        let fits = |i: &Index<R::Handle>| {
-            i.map.len() < config.max_regions && i.bytes + len <= config.max_bytes
+        let fits_with = |regions: usize, bytes: u64| {
+            regions < config.max_regions && bytes.saturating_add(len) <= config.max_bytes
         };
+        let fits = |i: &Index<R::Handle>| fits_with(i.map.len(), i.bytes);
         if fits(index) {
             return Ok(());
         }
@@ -789,12 +792,24 @@ impl<R: Registrar> Cache<R> {
             .map(|r| (r.last_used.load(Ordering::Relaxed), Arc::clone(r)))
             .collect();
         candidates.sort_by_key(|(t, r)| (*t, r.id));
-        let mut candidates = candidates.into_iter();
-        while !fits(index) {
-            let Some((_, victim)) = candidates.next() else {
+        // Plan: the shortest LRU prefix of the candidates whose eviction makes room.
+        let (mut regions, mut bytes) = (index.map.len(), index.bytes);
+        let mut needed = 0;
+        while !fits_with(regions, bytes) {
+            let Some((_, r)) = candidates.get(needed) else {
                 return Err(full(index));
             };
-            // Only an unused, valid region is evicted; a hit may have taken it meanwhile.
+            regions -= 1;
+            bytes -= r.range.len();
+            needed += 1;
+        }
+        // Evict. Under the write lock no hit can take a candidate (hits acquire under the read
+        // lock) and puts only make more regions unused, so the planned prefix is evicted
+        // whole; the loop still checks each CAS and goes on down the list if one fails.
+        for (_, victim) in candidates {
+            if fits(index) {
+                break;
+            }
             if victim
                 .state
                 .compare_exchange(0, INVALID, Ordering::AcqRel, Ordering::Relaxed)
@@ -805,7 +820,11 @@ impl<R: Registrar> Cache<R> {
                 victims.push(victim);
             }
         }
-        Ok(())
+        if fits(index) {
+            Ok(())
+        } else {
+            Err(full(index))
+        }
     }
 
     /// Deregisters the regions invalidated while unused (normally done by the next `get`).

@@ -320,3 +320,23 @@ fn a_cache_dropped_inside_an_invalidation_callback_removes_its_intervals_all_the
         mm.remove_interval(&handle).unwrap();
     });
 }
+
+#[test]
+fn a_miss_that_cannot_fit_evicts_nothing() {
+    let (_mm, ledger, cache) = cache(Config::default().merge(false).max_bytes(4 * P));
+    drop(cache.get(BASE, P, Access::READ).unwrap()); // A: unused, 1 page
+    let b = cache.get(BASE + 10 * P, 2 * P, Access::READ).unwrap(); // B: held, 2 pages
+                                                                    // C needs 3 pages: even with A evicted, 2 + 3 > 4. A must stay cached.
+    let err = cache.get(BASE + 20 * P, 3 * P, Access::READ).unwrap_err();
+    assert!(matches!(err, Error::Full { .. }), "{err}");
+    let s = cache.stats();
+    assert_eq!((s.evictions, s.regions), (0, 2), "{s}");
+    drop(cache.get(BASE, P, Access::READ).unwrap());
+    assert_eq!(cache.stats().hits, 1, "A is still a hit");
+    drop(b);
+    // With B unused, evicting the least recently used region that makes room works.
+    drop(cache.get(BASE + 20 * P, 3 * P, Access::READ).unwrap());
+    assert!(cache.stats().cached_bytes <= 4 * P);
+    drop(cache);
+    assert_eq!(ledger.live(), 0);
+}
