@@ -20,7 +20,10 @@
 //! deregistered at its put (never cached, the default), or cached and validated on every hit
 //! by comparing the page frame numbers now mapped with those recorded at registration (UCX's
 //! `CHECK_PFN`, possible only with `CAP_SYS_ADMIN`; without it this policy falls back to not
-//! caching), or trusted (for users who make every such call through the wrappers).
+//! caching), or trusted (for users who make every such call through the wrappers). The frames
+//! are read before and after the registrar pins them, and the region is cached only if the two
+//! readings agree: a frame replaced while the registrar ran (a hole punch and refault) would
+//! otherwise be recorded in place of the pinned one, and every later hit would validate.
 
 use mmnotify_uffd::{maps, pagemap};
 
@@ -133,7 +136,7 @@ fn hole(range: PageRange, start: u64, end: u64) -> Error {
 }
 
 /// The frame numbers a blind region was registered on, for validation on every hit.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct FrameSnapshot {
     start: u64,
     pfns: Vec<u64>,

@@ -231,6 +231,21 @@ pub(crate) struct Shared<R: Registrar> {
 }
 
 impl<R: Registrar> Shared<R> {
+    /// Whether this process is a fork of the one that built the cache's watcher (the
+    /// watcher's fork probe: one load, no lock). A forked child must not take the cache's
+    /// locks (a parent thread may have held one at the fork, and nobody will release it), wait
+    /// for an epoch or a reader (the parent thread in it does not exist here), nor call the
+    /// registrar (an inherited io_uring is the *parent's* ring: deregistering in the child
+    /// would empty the parent's fixed-buffer slots). A plain `Mm` source has no fork notion:
+    /// `false` (see SEMANTICS R9).
+    #[inline]
+    pub(crate) fn forked(&self) -> bool {
+        match &self.source {
+            EventSource::Watcher(w) => w.health() == mmnotify_uffd::Health::Forked,
+            EventSource::Mm(_) => false,
+        }
+    }
+
     fn read(&self) -> BrReadGuard<'_, Index<R::Handle>> {
         self.index.read()
     }
@@ -313,6 +328,9 @@ impl<R: Registrar> Shared<R> {
     }
 
     fn flush(&self) {
+        if self.forked() {
+            return;
+        }
         if !self.garbage_hint.swap(false, Ordering::Acquire) {
             return;
         }
@@ -324,6 +342,10 @@ impl<R: Registrar> Shared<R> {
 
     /// A holder's put.
     pub(crate) fn put(&self, region: &Region<R::Handle>) {
+        if self.forked() {
+            // Leaked: the registration belongs to the parent's registrar.
+            return;
+        }
         if self.limited {
             // Exact LRU order costs one shared increment per put: paid only when a limit can
             // make the cache evict.
@@ -339,6 +361,9 @@ impl<R: Registrar> Shared<R> {
 
     /// The put of an uncached registration.
     pub(crate) fn put_uncached(&self, handle: &R::Handle, range: PageRange) {
+        if self.forked() {
+            return;
+        }
         self.release_registration(handle, range);
     }
 
@@ -457,6 +482,10 @@ impl<R: Registrar> Cache<R> {
     /// [`Error::Unstable`], and the source's errors ([`Error::Watcher`] when the watcher cannot
     /// vouch for the memory any more: shut down, failed, forked).
     pub fn get(&self, addr: u64, len: u64, access: Access) -> Result<RegionGuard<'_, R>> {
+        if self.shared.forked() {
+            // Before any lock, registrar or engine call (see `Shared::forked`).
+            return Err(Error::Watcher(mmnotify_uffd::Error::Forked));
+        }
         let want = PageRange::covering(addr, len)?;
         if self.shared.garbage_hint.load(Ordering::Relaxed) {
             self.shared.flush();
@@ -574,7 +603,16 @@ impl<R: Registrar> Cache<R> {
                     }
                 }
             }
-            // 4. Register with no lock held.
+            // 4. Register with no lock held; under ValidateFrames, between two snapshots of
+            //    the frames. Recording them only after registering would let a hole punch and
+            //    refault in between pin frame X and record frame Y: every later hit would
+            //    validate, and be stale. Equal snapshots mean the frames stayed put while the
+            //    registrar pinned them (see R8 for the one interleaving this cannot exclude).
+            let before = if validate {
+                FrameSnapshot::take(target)
+            } else {
+                None
+            };
             let handle = match shared.register(target, target_access) {
                 Ok(h) => h,
                 Err(e) => {
@@ -583,7 +621,27 @@ impl<R: Registrar> Cache<R> {
                 }
             };
             let frames = if validate {
-                FrameSnapshot::take(target)
+                let after = FrameSnapshot::take(target);
+                match (before, blind.clone()) {
+                    (Some(before), _) if after.as_ref() == Some(&before) => Some(before),
+                    (_, Some(reason)) => {
+                        // A page was not present before registering (first touch), or the
+                        // frames moved while registering: which ones are pinned is unknown, so
+                        // the registration cannot be validated later. It serves this use only.
+                        interval.remove_deferred();
+                        Counters::bump(&shared.counters.misses);
+                        Counters::bump(&shared.counters.blind_uncached);
+                        return Ok(RegionGuard::uncached(
+                            self,
+                            target,
+                            target_access,
+                            handle,
+                            reason,
+                        ));
+                    }
+                    // INVARIANT: `validate` is only set for blind memory.
+                    (_, None) => None,
+                }
             } else {
                 None
             };
@@ -602,14 +660,6 @@ impl<R: Registrar> Cache<R> {
                 on_invalidate: Mutex::new(Vec::new()),
             });
             let _ = watch.region.set(Arc::downgrade(&region));
-            if validate && region.frames.is_none() {
-                // Frames could not be recorded (a page not present): not cacheable.
-                region.mark_invalid();
-                shared.release_internal(&region);
-                if let Some(reason) = blind {
-                    return self.uncached(want, access, reason);
-                }
-            }
             // 5. Commit under the lock the invalidation callback takes around set_seq.
             let mut victims = Vec::new();
             let outcome = {
@@ -707,7 +757,9 @@ impl<R: Registrar> Cache<R> {
     }
 
     /// Evicts unused regions, least recently used first, until `region` fits; under the
-    /// index's write lock.
+    /// index's write lock. Nothing is evicted unless evicting makes room: the victims are
+    /// chosen first, and if every unused region together cannot free enough, the result is
+    /// [`Error::Full`] with the cache untouched.
     fn make_room(
         &self,
         index: &mut Index<R::Handle>,
@@ -716,9 +768,10 @@ impl<R: Registrar> Cache<R> {
     ) -> Result<()> {
         let config = &self.shared.config;
         let len = region.range.len();
-        let fits = |i: &Index<R::Handle>| {
-            i.map.len() < config.max_regions && i.bytes + len <= config.max_bytes
+        let fits_with = |regions: usize, bytes: u64| {
+            regions < config.max_regions && bytes.saturating_add(len) <= config.max_bytes
         };
+        let fits = |i: &Index<R::Handle>| fits_with(i.map.len(), i.bytes);
         if fits(index) {
             return Ok(());
         }
@@ -739,12 +792,24 @@ impl<R: Registrar> Cache<R> {
             .map(|r| (r.last_used.load(Ordering::Relaxed), Arc::clone(r)))
             .collect();
         candidates.sort_by_key(|(t, r)| (*t, r.id));
-        let mut candidates = candidates.into_iter();
-        while !fits(index) {
-            let Some((_, victim)) = candidates.next() else {
+        // Plan: the shortest LRU prefix of the candidates whose eviction makes room.
+        let (mut regions, mut bytes) = (index.map.len(), index.bytes);
+        let mut needed = 0;
+        while !fits_with(regions, bytes) {
+            let Some((_, r)) = candidates.get(needed) else {
                 return Err(full(index));
             };
-            // Only an unused, valid region is evicted; a hit may have taken it meanwhile.
+            regions -= 1;
+            bytes -= r.range.len();
+            needed += 1;
+        }
+        // Evict. Under the write lock no hit can take a candidate (hits acquire under the read
+        // lock) and puts only make more regions unused, so the planned prefix is evicted
+        // whole; the loop still checks each CAS and goes on down the list if one fails.
+        for (_, victim) in candidates {
+            if fits(index) {
+                break;
+            }
             if victim
                 .state
                 .compare_exchange(0, INVALID, Ordering::AcqRel, Ordering::Relaxed)
@@ -755,16 +820,26 @@ impl<R: Registrar> Cache<R> {
                 victims.push(victim);
             }
         }
-        Ok(())
+        if fits(index) {
+            Ok(())
+        } else {
+            Err(full(index))
+        }
     }
 
     /// Deregisters the regions invalidated while unused (normally done by the next `get`).
+    /// In a forked child (watcher source), does nothing: the registrations are the parent's.
     pub fn flush(&self) {
         self.shared.flush();
     }
 
-    /// Evicts every unused region (and flushes); returns how many were evicted.
+    /// Evicts every unused region (and flushes); returns how many were evicted. In a forked
+    /// child (watcher source), evicts nothing and returns 0: the registrations are the
+    /// parent's.
     pub fn purge(&self) -> usize {
+        if self.shared.forked() {
+            return 0;
+        }
         let mut victims = Vec::new();
         {
             let mut index = self.shared.write();
@@ -833,8 +908,20 @@ enum Commit {
 impl<R: Registrar> Drop for Cache<R> {
     /// Deregisters every registration: no guard can outlive the cache (they borrow it), so
     /// every region is unused; its interval is removed and waited for first, so no
-    /// invalidation callback can still be queueing it.
+    /// invalidation callback can still be queueing it. Dropped inside an invalidation callback
+    /// (where waiting would deadlock), the intervals are removed at the end of the current
+    /// epoch instead, and with the watcher as source the subscriber that forgets watched VMAs
+    /// stays registered (the engine has no deferred unregister; it holds only that set).
+    ///
+    /// In a forked child (watcher source) everything is leaked instead: no lock, no wait, no
+    /// registrar or engine call (see `Shared::forked`); the parent's registrations stay intact.
     fn drop(&mut self) {
+        if self.shared.forked() {
+            // Keep `Shared` alive forever, so neither the registrar (the parent's ring), nor
+            // the regions' intervals, nor the watcher handle run their own drops here.
+            std::mem::forget(Arc::clone(&self.shared));
+            return;
+        }
         let linked: Vec<RegionRef<R>> = {
             let mut index = self.shared.write();
             let all: Vec<_> = index.map.values().cloned().collect();
@@ -848,7 +935,11 @@ impl<R: Registrar> Drop for Cache<R> {
             .filter(|r| r.mark_invalid() & INVALID == 0)
             .collect();
         for r in &mine {
-            r.interval.remove_and_wait();
+            // From an invalidation callback (a subscriber that drops the cache) waiting would
+            // deadlock: the interval is then removed at the end of the epoch. Releasing the
+            // registration at once is still safe: a callback of it that runs later in this
+            // epoch finds the cache gone (its weak reference fails) and only sets the sequence.
+            let _waited = r.interval.remove_and_wait();
         }
         for r in &mine {
             self.shared.release_registration(&r.handle, r.range);

@@ -177,11 +177,22 @@ impl SourceInterval {
         };
     }
 
-    /// Removes the subscription and waits until none of its callbacks runs.
-    pub(crate) fn remove_and_wait(&self) {
-        let _ = match self {
+    /// Removes the subscription and waits until none of its callbacks runs. Where waiting
+    /// would deadlock (called from an invalidation callback or while holding a guard of the
+    /// `Mm`: the engine refuses with `WouldDeadlock`), removes it at the end of the current
+    /// epoch instead, without waiting; returns whether it waited.
+    pub(crate) fn remove_and_wait(&self) -> bool {
+        let waited = match self {
             SourceInterval::Watched(i, w) => w.mm().remove_interval(i.engine()),
             SourceInterval::Plain(h, mm) => mm.remove_interval(h),
         };
+        match waited {
+            Ok(()) => true,
+            Err(mmnotify::Error::IntervalNotInserted { .. }) => true,
+            Err(_) => {
+                self.remove_deferred();
+                false
+            }
+        }
     }
 }

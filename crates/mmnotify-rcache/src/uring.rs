@@ -15,6 +15,8 @@
 use crate::sync::Mutex;
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use io_uring::{opcode, types, IoUring};
 
@@ -69,6 +71,19 @@ pub enum UringError {
         len: u32,
         /// The registration.
         range: PageRange,
+    },
+    /// The kernel would not take a queued request, so it stays in the submission queue where
+    /// a later submission would run it; the ring refuses every further I/O instead.
+    #[error(
+        "the io_uring would not take {op} on slot {slot} ({source}); the ring refuses further I/O"
+    )]
+    RingBroken {
+        /// READ_FIXED or WRITE_FIXED.
+        op: &'static str,
+        /// The slot.
+        slot: u16,
+        /// The kernel's error (the one that broke it, or EIO for a later request).
+        source: io::Error,
     },
     /// The I/O itself failed.
     #[error("{op} on slot {slot} failed: {source}")]
@@ -129,6 +144,8 @@ pub struct SlotBooks {
 /// A registrar over one io_uring's sparse registered-buffer table.
 pub struct UringRegistrar {
     ring: Mutex<IoUring>,
+    /// Set (under the ring's lock) when a queued request could not be submitted.
+    broken: AtomicBool,
     table: Mutex<Table>,
     slots: u32,
 }
@@ -157,6 +174,7 @@ impl UringRegistrar {
             .map_err(setup)?;
         Ok(UringRegistrar {
             ring: Mutex::new(ring),
+            broken: AtomicBool::new(false),
             table: Mutex::new(Table {
                 free: (0..slots16).rev().collect(),
                 used: vec![false; slots as usize],
@@ -196,6 +214,13 @@ impl UringRegistrar {
         }
     }
 
+    /// Submits one request and returns its result, once its completion was reaped.
+    ///
+    /// INVARIANT: once the entry is queued this returns only after its completion was reaped
+    /// (a request the kernel accepted runs to completion, so waiting ends), or after the kernel
+    /// refused to take it at all, in which case the ring is marked broken so that nothing
+    /// submits the left-over entry later. Returning while the I/O is in flight would let the
+    /// caller release the buffer or descriptor under it, and the next call read its completion.
     fn submit(
         &self,
         op: &'static str,
@@ -203,28 +228,45 @@ impl UringRegistrar {
         entry: io_uring::squeue::Entry,
     ) -> Result<usize, UringError> {
         let io = |source| UringError::Io { op, slot, source };
+        let broken = |source| UringError::RingBroken { op, slot, source };
         let mut ring = self.ring.lock();
+        if self.broken.load(Ordering::Relaxed) {
+            return Err(broken(io::Error::from_raw_os_error(libc::EIO)));
+        }
         // SAFETY: the entry refers to a registered buffer (pinned by the kernel, valid for the
-        // I/O whatever happens to the mapping) and a file descriptor the caller owns; we wait
-        // for its completion before returning, so nothing it refers to is released early.
+        // I/O whatever happens to the mapping) and a file descriptor the caller owns; by the
+        // INVARIANT above we return only after its completion (or with it never submitted and
+        // the ring refusing further submissions), so nothing it refers to is released early.
         unsafe { ring.submission().push(&entry) }
             .map_err(|_| io(io::Error::from_raw_os_error(libc::EBUSY)))?;
+        let mut refusals = 0u32;
         loop {
-            match ring.submit_and_wait(1) {
-                Ok(_) => break,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => return Err(io(e)),
+            if let Some(cqe) = ring.completion().next() {
+                let res = cqe.result();
+                return if res < 0 {
+                    Err(io(io::Error::from_raw_os_error(-res)))
+                } else {
+                    Ok(res as usize)
+                };
             }
-        }
-        let cqe = ring
-            .completion()
-            .next()
-            .ok_or_else(|| io(io::Error::from_raw_os_error(libc::EIO)))?;
-        let res = cqe.result();
-        if res < 0 {
-            Err(io(io::Error::from_raw_os_error(-res)))
-        } else {
-            Ok(res as usize)
+            match ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => {
+                    let taken = ring.submission().is_empty();
+                    let transient = matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY));
+                    let retry = taken || (transient && refusals < 1000);
+                    if !retry {
+                        // Never taken, and not going to be: leave it unsubmitted for good.
+                        self.broken.store(true, Ordering::Relaxed);
+                        return Err(broken(e));
+                    }
+                    // Either in flight (keep waiting for its completion) or refused for now
+                    // (the kernel is short of resources): try again shortly.
+                    refusals = refusals.saturating_add(1);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
         }
     }
 

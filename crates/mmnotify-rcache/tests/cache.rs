@@ -279,3 +279,64 @@ fn drop_deregisters_everything_exactly_once() {
     assert_eq!(ledger.double.load(Ordering::SeqCst), 0);
     assert_eq!(mm.interval_state().indexed, 0);
 }
+
+/// An interval subscriber that drops the cache from its invalidation callback.
+struct DropsTheCache(std::sync::Mutex<Option<Cache<Arc<Ledger>>>>);
+
+impl mmnotify::IntervalSubscriber for DropsTheCache {
+    fn invalidate(
+        &self,
+        ctx: &mmnotify::IntervalCtx<'_>,
+        _inv: &mmnotify::Invalidation,
+    ) -> mmnotify::Invalidate {
+        ctx.set_seq();
+        drop(self.0.lock().unwrap().take());
+        mmnotify::Invalidate::Done
+    }
+}
+
+#[test]
+fn a_cache_dropped_inside_an_invalidation_callback_removes_its_intervals_all_the_same() {
+    bounded(Duration::from_secs(30), || {
+        let (mm, ledger, cache) = cache(Config::default().merge(false));
+        for i in 0..3 {
+            drop(cache.get(BASE + i * 2 * P, P, Access::READ).unwrap());
+        }
+        assert_eq!(mm.interval_state().indexed, 3);
+        let dropper = Arc::new(DropsTheCache(std::sync::Mutex::new(Some(cache))));
+        let elsewhere = Range::from_len(BASE + 100 * P, P).unwrap();
+        let handle = mm.insert_interval(elsewhere, dropper.clone()).unwrap();
+        unmap(&mm, BASE + 100 * P, P);
+        assert!(dropper.0.lock().unwrap().is_none(), "the callback ran");
+        assert_eq!(ledger.registered.load(Ordering::SeqCst), 3);
+        assert_eq!(ledger.deregistered.load(Ordering::SeqCst), 3);
+        assert_eq!(ledger.double.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            mm.interval_state().indexed,
+            1,
+            "only the dropper's interval is left: {:?}",
+            mm.interval_state()
+        );
+        mm.remove_interval(&handle).unwrap();
+    });
+}
+
+#[test]
+fn a_miss_that_cannot_fit_evicts_nothing() {
+    let (_mm, ledger, cache) = cache(Config::default().merge(false).max_bytes(4 * P));
+    drop(cache.get(BASE, P, Access::READ).unwrap()); // A: unused, 1 page
+    let b = cache.get(BASE + 10 * P, 2 * P, Access::READ).unwrap(); // B: held, 2 pages
+                                                                    // C needs 3 pages: even with A evicted, 2 + 3 > 4. A must stay cached.
+    let err = cache.get(BASE + 20 * P, 3 * P, Access::READ).unwrap_err();
+    assert!(matches!(err, Error::Full { .. }), "{err}");
+    let s = cache.stats();
+    assert_eq!((s.evictions, s.regions), (0, 2), "{s}");
+    drop(cache.get(BASE, P, Access::READ).unwrap());
+    assert_eq!(cache.stats().hits, 1, "A is still a hit");
+    drop(b);
+    // With B unused, evicting the least recently used region that makes room works.
+    drop(cache.get(BASE + 20 * P, 3 * P, Access::READ).unwrap());
+    assert!(cache.stats().cached_bytes <= 4 * P);
+    drop(cache);
+    assert_eq!(ledger.live(), 0);
+}

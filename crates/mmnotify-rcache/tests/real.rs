@@ -379,3 +379,102 @@ fn a_private_file_mapping_is_blind_because_truncation_unmaps_even_its_copies() {
         unsafe { libc::close(fd) };
     });
 }
+
+/// A registrar that, once armed, replaces the first page's frame right after the inner
+/// registrar pinned it: a hole punch in the backing memfd and a refault (a new frame with new
+/// contents), as a concurrent thread could do between registration and the frame snapshot.
+struct PunchAfterPinning {
+    inner: Arc<UringRegistrar>,
+    fd: i32,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl mmnotify_rcache::Registrar for PunchAfterPinning {
+    type Handle = <UringRegistrar as mmnotify_rcache::Registrar>::Handle;
+
+    fn register(
+        &self,
+        range: mmnotify_rcache::PageRange,
+        access: Access,
+    ) -> Result<Self::Handle, mmnotify_rcache::RegistrarError> {
+        let h = self.inner.register(range, access)?;
+        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            // SAFETY: punching our own memfd, then writing our own shared mapping of it (the
+            // write faults in a fresh frame).
+            unsafe {
+                assert_eq!(
+                    libc::fallocate(
+                        self.fd,
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        0,
+                        ps() as i64
+                    ),
+                    0
+                );
+                std::ptr::write_bytes(range.start() as *mut u8, 0x22, ps() as usize);
+            }
+        }
+        Ok(h)
+    }
+
+    fn deregister(&self, handle: &Self::Handle) {
+        self.inner.deregister(handle)
+    }
+}
+
+#[test]
+fn validated_frames_are_the_pinned_ones_even_if_replaced_during_registration() {
+    let _serial = common::serial();
+    if !mmnotify_uffd::pagemap::pfns_visible() {
+        println!("skipped: page frame numbers are hidden from this process (no CAP_SYS_ADMIN)");
+        return;
+    }
+    common::bounded(Duration::from_secs(30), || {
+        // SAFETY: a new memfd the test owns, sized to one page.
+        let fd = unsafe { libc::memfd_create(c"punch".as_ptr(), 0) };
+        // SAFETY: sizing our own memfd.
+        assert_eq!(unsafe { libc::ftruncate(fd, ps() as i64) }, 0);
+        let m = map(1, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd);
+        // SAFETY: our own shared mapping: faults in frame X with 0x11.
+        unsafe { std::ptr::write_bytes(m as *mut u8, 0x11, ps() as usize) };
+        let uring = Arc::new(UringRegistrar::new(4).unwrap());
+        let cache = Cache::new(
+            PunchAfterPinning {
+                inner: uring.clone(),
+                fd,
+                armed: std::sync::atomic::AtomicBool::new(true),
+            },
+            EventSource::Watcher(Watcher::get().unwrap()),
+            Config::default().blind_spots(BlindSpotPolicy::ValidateFrames),
+        );
+        // The first registration pinned X while Y (0x22) replaced it: it must not be cached
+        // under Y's frame number.
+        drop(cache.get(m, ps(), Access::READ).unwrap());
+        // SAFETY: a new memfd the test owns.
+        let sink = unsafe { libc::memfd_create(c"sink".as_ptr(), 0) };
+        let g = cache.get(m, ps(), Access::READ).unwrap();
+        let n = uring
+            .write_fixed(g.handle(), m, ps() as u32, sink, 0)
+            .unwrap();
+        assert_eq!(n as u64, ps());
+        let mut back = vec![0u8; ps() as usize];
+        // SAFETY: reads into our own buffer of one page.
+        let r = unsafe { libc::pread(sink, back.as_mut_ptr().cast(), back.len(), 0) };
+        assert_eq!(r as u64, ps());
+        let s = cache.stats();
+        assert!(
+            back.iter().all(|b| *b == 0x22),
+            "the second get ({s}) wrote the replaced frame's bytes {:#x}, not the mapped 0x22",
+            back[0]
+        );
+        drop(g);
+        drop(cache);
+        assert_eq!(uring.books().live, 0);
+        unmap(m, 1);
+        // SAFETY: closing our own descriptors.
+        unsafe {
+            libc::close(sink);
+            libc::close(fd);
+        }
+    });
+}
