@@ -177,7 +177,11 @@ impl<'mm> InvalidateGuard<'mm> {
                 resume(caught);
                 return Err(refused(range, vec![refuser]));
             }
-            if caught.is_some() {
+            // A panic in a non-blockable walk stops the invalidation like a refusal. In a
+            // blockable one the primary changes the range whatever happens, so the classic
+            // subscribers must still drop their copies: the classic phase runs, then the
+            // panic is resumed (I34).
+            if caught.is_some() && !guard.inv.is_blockable() {
                 drop(guard);
                 resume(caught);
                 unreachable!("resume panics");
@@ -187,6 +191,11 @@ impl<'mm> InvalidateGuard<'mm> {
             guard.started = StartedSet::with_len(snapshot.len());
             guard.classic = Some(snapshot);
             guard.classic_phase(&mut caught)?;
+        }
+        if caught.is_some() {
+            drop(guard);
+            resume(caught);
+            unreachable!("resume panics");
         }
         Ok(guard)
     }
@@ -221,10 +230,16 @@ impl<'mm> InvalidateGuard<'mm> {
                 Some(Invalidate::Refused) => {
                     tracing::warn!(target: "mmnotify", mm = self.mm.id, interval = node.id.0, "interval invalidate refused a blockable range (contract violation); ignored");
                 }
-                None => {
-                    // A panicking callback stops the walk like a refusal.
+                None if nonblocking => {
+                    // A panicking callback stops a non-blockable walk like a refusal.
                     refuser = Some(Refuser::Interval(node.id));
                     break;
+                }
+                None => {
+                    // Not a refusal: the range changes anyway, so every other interval must
+                    // still be invalidated, and this one's fills must retry, as if its
+                    // callback had reached `set_seq` (I34).
+                    ctx.set_seq();
                 }
             }
         }
@@ -312,8 +327,13 @@ impl<'mm> InvalidateGuard<'mm> {
                         break;
                     }
                 }
+                None if blockable => {
+                    // Not started (it is owed no end), but the walk goes on: the range changes
+                    // anyway, and every other subscriber must drop its copy first (I34).
+                }
                 None => {
-                    // A panicking start: treated as a refusal under Exact, whatever the policy.
+                    // A panicking non-blockable start: treated as a refusal under Exact,
+                    // whatever the policy.
                     refusers.push(Refuser::Classic(reg.id));
                     break;
                 }

@@ -877,8 +877,9 @@ fn release_sends_one_release_invalidation() {
     mm.remove_interval(&h).unwrap();
 }
 
-/// I34, I25: a panicking interval callback: no classic start runs, the epoch closes, the panic
-/// is resumed on the caller, and the `Mm` stays usable.
+/// I34, I25: a panicking interval callback of a blockable invalidation: the classic starts
+/// still run (and are ended), the epoch closes, the panic is resumed on the caller, and the
+/// `Mm` stays usable.
 #[test]
 fn panicking_interval_callback_closes_the_epoch() {
     let mm = Mm::new();
@@ -896,14 +897,50 @@ fn panicking_interval_callback_closes_the_epoch() {
         let _g = mm.invalidate_start(range(0, 0x2000), Event::Unmap);
     }));
     assert!(r.is_err(), "the panic propagates");
-    assert_eq!(entries(&log), ["a:inv", "p:panic", "a:finish"]);
+    // Blockable: the panic does not stop the invalidation (the classic subscriber still
+    // drops its copy), then it is resumed.
+    assert_eq!(
+        entries(&log),
+        ["a:inv", "p:panic", "a:finish", "k:start", "k:end"]
+    );
     assert!(idle(mm.interval_state()), "{:?}", mm.interval_state());
     *p.mode.lock().unwrap() = Mode::Done;
     mm.invalidate_start(range(0, 0x2000), Event::Unmap)
         .unwrap()
         .end();
-    assert_eq!((k.starts.load(SeqCst), k.ends.load(SeqCst)), (1, 1));
+    assert_eq!((k.starts.load(SeqCst), k.ends.load(SeqCst)), (2, 2));
     mm.remove_interval(&hp).unwrap();
+}
+
+/// I34: a panicking interval callback of a blockable invalidation does not stop the walk: the
+/// intervals after it are still invalidated, and its own fills must retry (the engine marks
+/// it as `set_seq` would have). Before this rule the walk stopped at the panic and `b` kept a
+/// stale mapping, with its `read_retry` reporting no collision.
+#[test]
+fn panicking_interval_callback_does_not_stop_a_blockable_walk() {
+    let mm = Mm::new();
+    let log = new_log();
+    let p = Iv::arc("p", Mode::Panic, &log);
+    let b = Iv::arc("b", Mode::Done, &log);
+    let hp = mm
+        .insert_interval(Range::from_len(0x0000, 0x1000).unwrap(), p.clone())
+        .unwrap();
+    let hb = mm
+        .insert_interval(Range::from_len(0x1000, 0x1000).unwrap(), b.clone())
+        .unwrap();
+    let seq_p = hp.read_begin().unwrap();
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        let _g = mm.invalidate_start(range(0, 0x2000), Event::Unmap);
+    }));
+    assert!(r.is_err(), "the panic propagates");
+    assert_eq!(entries(&log), ["p:panic", "b:inv"]);
+    assert!(
+        hp.read_retry(seq_p),
+        "the panicking interval's fill must retry"
+    );
+    assert!(idle(mm.interval_state()), "{:?}", mm.interval_state());
+    mm.remove_interval(&hp).unwrap();
+    mm.remove_interval(&hb).unwrap();
 }
 
 /// I26 at the wrap: starting the sequence at `u64::MAX - 5`, epochs keep working across the
