@@ -309,22 +309,6 @@ pub extern "C" fn mmn_unsubscribe(interval: mmn_interval_t) -> c_int {
     })
 }
 
-fn seq_to_words(seq: WatchSeq) -> [u64; 2] {
-    const _: () = assert!(std::mem::size_of::<WatchSeq>() == 16);
-    const _: () = assert!(std::mem::align_of::<WatchSeq>() <= 8);
-    // SAFETY: WatchSeq is a Copy struct of two u64-sized plain integers (the engine's ReadSeq
-    // and the gate's generation), 16 bytes as asserted above; reading it as two words copies
-    // its bytes.
-    unsafe { std::mem::transmute_copy::<WatchSeq, [u64; 2]>(&seq) }
-}
-
-fn words_to_seq(words: [u64; 2]) -> WatchSeq {
-    // SAFETY: the inverse of `seq_to_words`: every bit pattern of WatchSeq's two integer
-    // fields is a valid value (a forged one only makes read_retry answer "collided" or not,
-    // which a caller forging sequences gets to keep).
-    unsafe { std::mem::transmute_copy::<[u64; 2], WatchSeq>(&words) }
-}
-
 fn begin(
     function: &'static str,
     interval: mmn_interval_t,
@@ -351,7 +335,7 @@ fn begin(
         unsafe {
             out.write(mmn_seq_t {
                 interval,
-                words: seq_to_words(seq),
+                words: seq.to_words(),
             })
         };
         Ok(0)
@@ -408,7 +392,7 @@ pub extern "C" fn mmn_read_retry(interval: mmn_interval_t, seq: *const mmn_seq_t
         }
         let sub = TABLE.get(interval.bits)?;
         Ok(c_int::from(
-            sub.interval.read_retry(words_to_seq(seq.words)),
+            sub.interval.read_retry(WatchSeq::from_words(seq.words)),
         ))
     })
 }

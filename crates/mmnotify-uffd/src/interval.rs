@@ -46,6 +46,20 @@ impl WatchSeq {
     pub fn generation(&self) -> u64 {
         self.generation
     }
+
+    /// The snapshot as two words (engine sequence, generation), for foreign interfaces.
+    pub fn to_words(&self) -> [u64; 2] {
+        [self.engine.value(), self.generation]
+    }
+
+    /// The inverse of [`to_words`](Self::to_words). Words that did not come from a
+    /// `read_begin` only change what `read_retry` answers for the caller's own fill.
+    pub fn from_words(words: [u64; 2]) -> WatchSeq {
+        WatchSeq {
+            engine: ReadSeq::from_value(words[0]),
+            generation: words[1],
+        }
+    }
 }
 
 /// An interval subscription on the watcher's `Mm`, with the real-memory read side.

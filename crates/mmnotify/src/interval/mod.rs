@@ -290,6 +290,13 @@ impl ReadSeq {
     pub fn value(&self) -> u64 {
         self.0
     }
+
+    /// A sequence from a raw value given back by [`value`](Self::value), for callers that must
+    /// carry it through a foreign interface (the C API). A value that did not come from
+    /// `read_begin` only changes what `read_retry` answers for the caller's own fill.
+    pub fn from_value(value: u64) -> ReadSeq {
+        ReadSeq(value)
+    }
 }
 
 /// The owner's handle to an interval subscription: the read side of the collision-retry
