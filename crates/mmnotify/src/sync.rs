@@ -105,9 +105,16 @@ impl Fences {
                 Fences::Symmetric
             }
         }
-        #[cfg(any(loom, not(any(target_os = "linux", target_os = "android"))))]
+        // Under loom both fences are SeqCst fences whatever the variant (see `light`).
+        #[cfg(loom)]
         {
             Fences::Asymmetric
+        }
+        // Without membarrier a compiler fence orders nothing between threads: both sides
+        // take the full fence.
+        #[cfg(all(not(loom), not(any(target_os = "linux", target_os = "android"))))]
+        {
+            Fences::Symmetric
         }
     }
 
@@ -131,11 +138,21 @@ impl Fences {
         if self == Fences::Asymmetric {
             use rustix::thread::{membarrier, MembarrierCommand};
             // INVARIANT: `detect` returned Asymmetric only after this very command succeeded
-            // once; the kernel fails it only for a process that did not register. Should it
-            // fail anyway, the global command (a full grace period of the kernel's RCU, slow
-            // but a barrier on every CPU) keeps the pair sound.
-            if membarrier(MembarrierCommand::PrivateExpedited).is_err() {
-                let _ = membarrier(MembarrierCommand::Global);
+            // once. Readers have run with compiler fences only since then, so there is no
+            // sound way on without a barrier on every thread of the process: on a failure
+            // (e.g. a seccomp filter installed later) register again and retry, then try the
+            // global command (refused under nohz_full); if nothing works, abort rather than
+            // let a grace period miss a reader.
+            if membarrier(MembarrierCommand::PrivateExpedited).is_err()
+                && !(membarrier(MembarrierCommand::RegisterPrivateExpedited).is_ok()
+                    && membarrier(MembarrierCommand::PrivateExpedited).is_ok())
+                && membarrier(MembarrierCommand::Global).is_err()
+            {
+                eprintln!(
+                    "mmnotify: membarrier failed after it had been chosen for this process's \
+                     read side (a seccomp filter?); aborting rather than risk a missed reader"
+                );
+                std::process::abort();
             }
         }
     }

@@ -190,6 +190,9 @@ pub(crate) struct Hits {
     more: Vec<Arc<IntervalEntry>>,
 }
 
+/// The largest spill buffer a thread keeps between invalidations (entries).
+const MAX_SPARE_HITS: usize = 4096;
+
 #[cfg(not(loom))]
 std::thread_local! {
     /// The calling thread's spare buffer for [`Hits`] beyond the inline ones. Not part of any
@@ -238,6 +241,11 @@ impl Drop for Hits {
         // invalidate and so use the spare buffer itself).
         self.more.clear();
         let spare = std::mem::take(&mut self.more);
+        // A thread keeps a buffer for the common spill, not the largest one it ever needed
+        // (an invalidation of a million intervals would otherwise pin megabytes per thread).
+        if spare.capacity() > MAX_SPARE_HITS {
+            return;
+        }
         #[cfg(not(loom))]
         let _ = SPARE_HITS.try_with(move |slot| {
             let kept = slot.take();
